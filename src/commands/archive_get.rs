@@ -1,0 +1,52 @@
+//! `pitr archive-get <walfile> <dest>`: Postgres's restore_command.
+//!
+//! The object is streamed from the repository, verified and decoded into a temporary file next
+//! to `<dest>`, fsynced and renamed into place. A missing file is a quiet "not found", which
+//! Postgres expects while it probes for timelines and the end of the archive. Any failure
+//! removes the temporary file, so `<dest>` only ever appears complete and verified.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::config::Settings;
+use crate::durable::PendingFile;
+use crate::repository::{Repository, check_same_cluster};
+use crate::wal::{self, WalFileName};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetOutcome {
+    Restored,
+    NotFound,
+}
+
+pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Result<GetOutcome> {
+    let name: WalFileName = wal_file.parse()?;
+    let repository = Repository::open(settings)?;
+    let identity = repository.require_identity().await?;
+    if let Some(local) = wal::control_file_system_identifier(&settings.pgdata) {
+        check_same_cluster(&repository.url, &identity, local)
+            .with_context(|| format!("refusing to restore {wal_file} into {}", settings.pgdata.display()))?;
+    }
+    let destination = if destination.is_absolute() { destination.to_path_buf() } else { settings.pgdata.join(destination) };
+    let pending = PendingFile::create(&destination)
+        .with_context(|| format!("cannot create a temporary file beside {}", destination.display()))?;
+    let key = Repository::wal_key(&name);
+    let restored = repository
+        .read_object(&key, pending)
+        .await
+        .map_err(|error| match error {
+            crate::repository::RepositoryError::Sink(io) => anyhow::anyhow!(
+                "writing {wal_file} to {} failed: {io}; free space or fix the volume holding it, nothing was written",
+                destination.display()
+            ),
+            other => anyhow::Error::new(other),
+        })?;
+    let Some((_, pending)) = restored else {
+        return Ok(GetOutcome::NotFound);
+    };
+    pending.commit().with_context(|| {
+        format!("making {} durable failed; free space or fix the volume holding it", destination.display())
+    })?;
+    Ok(GetOutcome::Restored)
+}

@@ -1,0 +1,119 @@
+//! `pitr archive-push <path>`: Postgres's archive_command.
+//!
+//! Exit 0 means the file is durable in the repository. The file is validated first (a segment's
+//! long page header must match its name, size and cluster), then encoded and written
+//! create-only. If the name is already taken, the stored object is read back in full: identical
+//! content is a success (Postgres may re-archive after a crash), different content is an error
+//! that leaves the stored object untouched.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::config::Settings;
+use crate::envelope::{ContentSummary, EncodeOptions};
+use crate::repository::{Identity, PutOutcome, Repository, check_same_cluster};
+use crate::wal::{self, SegmentHeader, WalFileName};
+
+/// What happened to the pushed file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    Stored,
+    AlreadyArchived,
+}
+
+pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
+    let file_name = path
+        .file_name()
+        .and_then(|name| name.to_str())
+        .with_context(|| format!("'{}' has no file name; archive_command must pass %p", path.display()))?;
+    let name: WalFileName = file_name.parse()?;
+    let path = resolve_against_pgdata(settings, path);
+    let header = match name.segment() {
+        Some(segment) => Some(wal::read_segment_header(&path, file_name, segment)?),
+        None => header_of_any_segment_beside(&path),
+    };
+    let local_system = wal::control_file_system_identifier(&settings.pgdata);
+    if let (Some(header), Some(local)) = (header, local_system)
+        && header.system_identifier != local
+    {
+        bail!(
+            "{file_name} belongs to database system {}, but this data directory ({}) is system {local}; refusing to archive a segment from another cluster",
+            header.system_identifier,
+            settings.pgdata.display()
+        );
+    }
+    let repository = Repository::open(settings)?;
+    let identity = match header {
+        Some(header) => {
+            let expected = Identity::new(header.system_identifier, header.pg_version, header.segment_size, repository.keyring());
+            repository.ensure_identity(&expected).await?
+        }
+        None => repository.require_identity().await?,
+    };
+    if let Some(header) = header {
+        check_same_cluster(&repository.url, &identity, header.system_identifier)
+            .with_context(|| format!("refusing to archive {file_name}"))?;
+    }
+    let content = ContentSummary::of_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let key = Repository::wal_key(&name);
+    let options = EncodeOptions {
+        compression_level: settings.compression_level,
+        compression_workers: settings.compression_threads,
+        ..EncodeOptions::default()
+    };
+    match repository.put_file(&key, &path, content, &options).await? {
+        PutOutcome::Created => Ok(PushOutcome::Stored),
+        PutOutcome::AlreadyExists => compare_with_stored(&repository, &key, file_name, content).await,
+    }
+}
+
+/// A name already taken: succeed only if the stored object decodes, verifies and holds exactly
+/// this content.
+async fn compare_with_stored(
+    repository: &Repository,
+    key: &str,
+    file_name: &str,
+    content: ContentSummary,
+) -> Result<PushOutcome> {
+    let stored = repository
+        .read_object(key, std::io::sink())
+        .await
+        .with_context(|| format!("{file_name} is already archived but the stored copy cannot be verified; it was left untouched"))?;
+    let Some((header, _)) = stored else {
+        bail!("{file_name} was reported as existing but cannot be read back from {}; retry", repository.url);
+    };
+    if header.content == content {
+        return Ok(PushOutcome::AlreadyArchived);
+    }
+    bail!(
+        "{file_name} is already archived in {} with different content (stored checksum {}, {} bytes; this file {}, {} bytes); the stored copy was left untouched. Another cluster or a diverged timeline may be archiving into this repository: find out which before archiving resumes",
+        repository.url,
+        header.content.checksum,
+        header.content.length,
+        content.checksum,
+        content.length
+    )
+}
+
+/// archive_command runs in the data directory and passes a relative %p.
+fn resolve_against_pgdata(settings: &Settings, path: &Path) -> PathBuf {
+    if path.is_absolute() || path.exists() {
+        path.to_path_buf()
+    } else {
+        settings.pgdata.join(path)
+    }
+}
+
+/// History and backup files carry no WAL header; the segments beside them tell which cluster
+/// wrote them, so a fresh repository can still record its identity.
+fn header_of_any_segment_beside(path: &Path) -> Option<SegmentHeader> {
+    let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::read_dir(directory).ok()?.flatten().find_map(|entry| {
+        let file_name = entry.file_name().into_string().ok()?;
+        let WalFileName::Segment(segment) = file_name.parse().ok()? else {
+            return None;
+        };
+        wal::read_segment_header(&entry.path(), &file_name, segment).ok()
+    })
+}

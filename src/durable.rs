@@ -1,0 +1,79 @@
+//! Local-disk durability: the one place that knows how to make a file survive a power cut.
+//!
+//! The rule everywhere in pitr is: write to a temporary file, fsync it, rename it over the final
+//! name, then fsync the directory so the rename itself is on disk. Nothing is acknowledged before
+//! the last step returns.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Fsyncs the directory holding `path`, making a create or rename of `path` durable.
+pub fn sync_parent_directory(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}
+
+/// A temporary file next to its final destination. Dropped without `commit`, it removes itself,
+/// so a failed write never leaves a half-written file behind.
+pub struct PendingFile {
+    temporary: PathBuf,
+    destination: PathBuf,
+    file: Option<File>,
+}
+
+impl PendingFile {
+    pub fn create(destination: &Path) -> io::Result<Self> {
+        let file_name = destination
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "destination has no file name"))?
+            .to_string_lossy()
+            .into_owned();
+        let temporary =
+            destination.with_file_name(format!(".{file_name}.pitr-{}.tmp", std::process::id()));
+        let file = File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temporary)?;
+        Ok(PendingFile {
+            temporary,
+            destination: destination.to_path_buf(),
+            file: Some(file),
+        })
+    }
+
+    pub fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("the file is open until commit")
+    }
+
+    /// Fsyncs the data, renames it into place and fsyncs the directory.
+    pub fn commit(mut self) -> io::Result<()> {
+        let file = self.file.take().expect("the file is open until commit");
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&self.temporary, &self.destination)?;
+        sync_parent_directory(&self.destination)
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.temporary);
+        }
+    }
+}
+
+impl std::io::Write for PendingFile {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.file().write(data)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file().flush()
+    }
+}

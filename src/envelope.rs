@@ -1,0 +1,705 @@
+//! The object envelope, format v1: how plaintext becomes a stored object and back.
+//!
+//! Every object pitr stores goes through this one codec: a self-describing header, then the body,
+//! compressed with zstd and then encrypted with AES-256-GCM in the STREAM construction (a 7-byte
+//! nonce prefix, a 32-bit chunk counter and a last-chunk flag). Each object has its own random
+//! data key, wrapped by the keyring's newest key, so nonces never repeat under one key however
+//! many objects are written. The whole header is the associated data of every chunk: editing it,
+//! reordering chunks or cutting the object short all fail authentication. The plaintext length
+//! and BLAKE3 checksum in the header are verified after decoding as a second, independent check.
+//! Encoding and decoding both stream; memory is a few chunks whatever the object's size.
+//! docs/FORMAT.md is the byte-level specification and must change with this file.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+use aead_stream::{StreamBE32, StreamPrimitive};
+use aes_gcm::Aes256Gcm;
+
+use crate::keyring::{KeyId, Keyring, SecretKey};
+
+pub const MAGIC: [u8; 4] = *b"PITR";
+pub const FORMAT_VERSION: u8 = 1;
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+const TAG_LEN: usize = 16;
+const FIXED_HEADER_LEN: usize = 130;
+const MAX_CHUNK_SIZE: u32 = 64 << 20;
+const COPY_BUFFER: usize = 256 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None = 0,
+    Zstd = 1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cipher {
+    None = 0,
+    Aes256GcmStream = 1,
+}
+
+/// BLAKE3-256 of an object's plaintext.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Checksum(pub [u8; 32]);
+
+impl fmt::Display for Checksum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Checksum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Checksum({self})")
+    }
+}
+
+/// What the header promises about the plaintext, known before encoding starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentSummary {
+    pub length: u64,
+    pub checksum: Checksum,
+}
+
+impl ContentSummary {
+    /// Hashes a file with every core; the file is memory-mapped, so this costs no heap.
+    pub fn of_file(path: &Path) -> io::Result<Self> {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_mmap_rayon(path)?;
+        Ok(ContentSummary {
+            length: hasher.count(),
+            checksum: Checksum(*hasher.finalize().as_bytes()),
+        })
+    }
+
+    pub fn of_bytes(bytes: &[u8]) -> Self {
+        ContentSummary {
+            length: bytes.len() as u64,
+            checksum: Checksum(*blake3::hash(bytes).as_bytes()),
+        }
+    }
+}
+
+/// The decoded header of a stored object.
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub compression: Compression,
+    pub cipher: Cipher,
+    pub chunk_size: u32,
+    pub content: ContentSummary,
+    pub key_id: Option<KeyId>,
+    wrap_nonce: [u8; 12],
+    wrapped_key: [u8; 48],
+    stream_nonce: [u8; 7],
+    pub object_name: String,
+}
+
+impl Header {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(FIXED_HEADER_LEN + self.object_name.len() + 4);
+        bytes.extend_from_slice(&MAGIC);
+        bytes.push(FORMAT_VERSION);
+        bytes.push(self.compression as u8);
+        bytes.push(self.cipher as u8);
+        bytes.push(0);
+        bytes.extend_from_slice(&self.chunk_size.to_le_bytes());
+        bytes.extend_from_slice(&self.content.length.to_le_bytes());
+        bytes.extend_from_slice(&self.content.checksum.0);
+        bytes.extend_from_slice(&self.key_id.map_or(0, |id| id.0).to_le_bytes());
+        bytes.extend_from_slice(&self.wrap_nonce);
+        bytes.extend_from_slice(&self.wrapped_key);
+        bytes.extend_from_slice(&self.stream_nonce);
+        bytes.push(0);
+        bytes.extend_from_slice(&(self.object_name.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(self.object_name.as_bytes());
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    /// The header as the data key's wrapping authenticates it: everything but the wrapped key.
+    fn wrap_context(&self) -> Vec<u8> {
+        let mut unwrapped = self.clone();
+        unwrapped.wrap_nonce = [0; 12];
+        unwrapped.wrapped_key = [0; 48];
+        unwrapped.to_bytes()
+    }
+
+    fn read_from(source: &mut impl Read, object: &str) -> Result<(Self, Vec<u8>), EnvelopeError> {
+        let mut bytes = vec![0u8; FIXED_HEADER_LEN];
+        let filled = read_full(source, &mut bytes).map_err(EnvelopeError::Source)?;
+        if filled >= 4 && bytes[..4] != MAGIC {
+            return Err(EnvelopeError::NotAnObject(object.to_string()));
+        }
+        if filled < FIXED_HEADER_LEN {
+            return Err(EnvelopeError::Truncated(object.to_string()));
+        }
+        if bytes[4] != FORMAT_VERSION {
+            return Err(EnvelopeError::UnsupportedVersion {
+                object: object.to_string(),
+                version: bytes[4],
+            });
+        }
+        let name_length = usize::from(u16::from_le_bytes([bytes[128], bytes[129]]));
+        bytes.resize(FIXED_HEADER_LEN + name_length + 4, 0);
+        if read_full(source, &mut bytes[FIXED_HEADER_LEN..]).map_err(EnvelopeError::Source)?
+            < name_length + 4
+        {
+            return Err(EnvelopeError::Truncated(object.to_string()));
+        }
+        let (body, crc) = bytes.split_at(FIXED_HEADER_LEN + name_length);
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            return Err(EnvelopeError::CorruptHeader(object.to_string()));
+        }
+        let corrupt = || EnvelopeError::CorruptHeader(object.to_string());
+        let header = Header {
+            compression: match bytes[5] {
+                0 => Compression::None,
+                1 => Compression::Zstd,
+                _ => return Err(corrupt()),
+            },
+            cipher: match bytes[6] {
+                0 => Cipher::None,
+                1 => Cipher::Aes256GcmStream,
+                _ => return Err(corrupt()),
+            },
+            chunk_size: u32::from_le_bytes(bytes[8..12].try_into().unwrap()),
+            content: ContentSummary {
+                length: u64::from_le_bytes(bytes[12..20].try_into().unwrap()),
+                checksum: Checksum(bytes[20..52].try_into().unwrap()),
+            },
+            key_id: match u64::from_le_bytes(bytes[52..60].try_into().unwrap()) {
+                0 => None,
+                id => Some(KeyId(id)),
+            },
+            wrap_nonce: bytes[60..72].try_into().unwrap(),
+            wrapped_key: bytes[72..120].try_into().unwrap(),
+            stream_nonce: bytes[120..127].try_into().unwrap(),
+            object_name: String::from_utf8(bytes[FIXED_HEADER_LEN..FIXED_HEADER_LEN + name_length].to_vec())
+                .map_err(|_| corrupt())?,
+        };
+        if header.chunk_size == 0 || header.chunk_size > MAX_CHUNK_SIZE {
+            return Err(corrupt());
+        }
+        Ok((header, bytes))
+    }
+}
+
+/// Tuning for encoding; none of it is needed to decode.
+#[derive(Debug, Clone)]
+pub struct EncodeOptions {
+    pub compression_level: i32,
+    /// zstd worker threads; 0 compresses on the calling thread.
+    pub compression_workers: u32,
+    pub chunk_size: u32,
+}
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        EncodeOptions {
+            compression_level: 1,
+            compression_workers: 0,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+        }
+    }
+}
+
+/// Encodes `source`, whose length and checksum are `content`, as the object `object_name`.
+/// Without a keyring the body is compressed and checksummed but not encrypted.
+pub fn encode<R: Read, W: Write>(
+    mut source: R,
+    content: ContentSummary,
+    object_name: &str,
+    keyring: Option<&Keyring>,
+    options: &EncodeOptions,
+    sink: W,
+) -> Result<W, EnvelopeError> {
+    let mut header = Header {
+        compression: Compression::Zstd,
+        cipher: Cipher::None,
+        chunk_size: options.chunk_size.clamp(1, MAX_CHUNK_SIZE),
+        content,
+        key_id: None,
+        wrap_nonce: [0; 12],
+        wrapped_key: [0; 48],
+        stream_nonce: [0; 7],
+        object_name: object_name.to_string(),
+    };
+    let mut stream = None;
+    if let Some(keyring) = keyring {
+        let key = keyring.newest();
+        let data_key = SecretKey::random();
+        header.cipher = Cipher::Aes256GcmStream;
+        header.key_id = Some(key.id);
+        getrandom::fill(&mut header.stream_nonce).expect("the operating system's random source failed");
+        (header.wrap_nonce, header.wrapped_key) = key.wrap(&data_key, &header.wrap_context());
+        stream = Some(stream_cipher(&data_key, &header.stream_nonce));
+    }
+    let header_bytes = header.to_bytes();
+    let mut sink = sink;
+    sink.write_all(&header_bytes).map_err(EnvelopeError::Sink)?;
+    let sealer = ChunkSealer {
+        sink,
+        buffer: Vec::with_capacity(header.chunk_size as usize + TAG_LEN),
+        chunk_size: header.chunk_size as usize,
+        stream,
+        associated_data: header_bytes,
+        position: 0,
+    };
+    let mut encoder = zstd::stream::write::Encoder::new(sealer, options.compression_level)
+        .map_err(EnvelopeError::Sink)?;
+    if options.compression_workers > 0 {
+        encoder
+            .multithread(options.compression_workers)
+            .map_err(EnvelopeError::Sink)?;
+    }
+    let copied = copy_bounded(&mut source, &mut encoder).map_err(unwrap_io)?;
+    if copied != content.length {
+        return Err(EnvelopeError::SourceChanged {
+            object: object_name.to_string(),
+            expected: content.length,
+            found: copied,
+        });
+    }
+    let sealer = encoder.finish().map_err(unwrap_io)?;
+    sealer.finish().map_err(unwrap_io)
+}
+
+/// Decodes and verifies one object into `sink`, returning its header. `expected_name` guards
+/// against an object renamed or copied from elsewhere. On error, what was written to `sink` must
+/// be discarded: verification completes only at the end.
+pub fn decode<R: Read, W: Write>(
+    mut source: R,
+    expected_name: &str,
+    keyring: Option<&Keyring>,
+    sink: W,
+) -> Result<Header, EnvelopeError> {
+    let (header, header_bytes) = Header::read_from(&mut source, expected_name)?;
+    if header.object_name != expected_name {
+        return Err(EnvelopeError::NameMismatch {
+            object: expected_name.to_string(),
+            found: header.object_name.clone(),
+        });
+    }
+    let stream = match header.cipher {
+        Cipher::None => None,
+        Cipher::Aes256GcmStream => Some(open_data_key(&header, keyring)?),
+    };
+    let opener = ChunkOpener {
+        source,
+        stream,
+        associated_data: header_bytes,
+        sealed_chunk_length: header.chunk_size as usize + TAG_LEN,
+        pending: None,
+        plaintext: Vec::new(),
+        offset: 0,
+        position: 0,
+        finished: false,
+        object: expected_name.to_string(),
+    };
+    let mut verifier = VerifyingWriter {
+        sink,
+        hasher: blake3::Hasher::new(),
+        written: 0,
+        limit: header.content.length,
+        object: expected_name,
+    };
+    match header.compression {
+        Compression::Zstd => {
+            let decoder = zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(COPY_BUFFER, opener))
+                .map_err(EnvelopeError::Sink)?;
+            copy_bounded(&mut { decoder }, &mut verifier)
+        }
+        Compression::None => copy_bounded(&mut { opener }, &mut verifier),
+    }
+    .map_err(|error| corrupt_unless_wrapped(error, expected_name))?;
+    verifier.finish(&header)?;
+    Ok(header)
+}
+
+/// Reads only an object's header, without verifying its body.
+pub fn read_header<R: Read>(mut source: R, expected_name: &str) -> Result<Header, EnvelopeError> {
+    Header::read_from(&mut source, expected_name).map(|(header, _)| header)
+}
+
+fn open_data_key(header: &Header, keyring: Option<&Keyring>) -> Result<StreamBE32<Aes256Gcm>, EnvelopeError> {
+    let object = header.object_name.clone();
+    let key_id = header.key_id.ok_or_else(|| EnvelopeError::CorruptHeader(object.clone()))?;
+    let keyring = keyring.ok_or_else(|| EnvelopeError::KeyringRequired(object.clone()))?;
+    let key = keyring
+        .find(key_id)
+        .ok_or_else(|| EnvelopeError::UnknownKey { object: object.clone(), key_id })?;
+    let data_key = key
+        .unwrap(&header.wrap_nonce, &header.wrapped_key, &header.wrap_context())
+        .ok_or(EnvelopeError::AuthenticationFailed { object, chunk: None })?;
+    Ok(stream_cipher(&data_key, &header.stream_nonce))
+}
+
+fn stream_cipher(data_key: &SecretKey, nonce: &[u8; 7]) -> StreamBE32<Aes256Gcm> {
+    use aead_stream::NewStream;
+    StreamBE32::from_aead(data_key.cipher(), &(*nonce).into())
+}
+
+/// Splits the compressed stream into chunks and seals each. A chunk is sealed as "not last" only
+/// once more data has arrived, so the final chunk always carries the last-chunk flag.
+struct ChunkSealer<W: Write> {
+    sink: W,
+    buffer: Vec<u8>,
+    chunk_size: usize,
+    stream: Option<StreamBE32<Aes256Gcm>>,
+    associated_data: Vec<u8>,
+    position: u32,
+}
+
+impl<W: Write> ChunkSealer<W> {
+    fn seal(&mut self, last: bool) -> io::Result<()> {
+        if let Some(stream) = &self.stream {
+            stream
+                .encrypt_in_place(self.position, last, &self.associated_data, &mut self.buffer)
+                .map_err(|_| io::Error::other("chunk encryption failed"))?;
+            self.position = self
+                .position
+                .checked_add(1)
+                .ok_or_else(|| io::Error::other("object exceeds 2^32 chunks; raise the chunk size"))?;
+        }
+        self.sink
+            .write_all(&self.buffer)
+            .map_err(|error| io::Error::other(EnvelopeError::Sink(error)))?;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<W> {
+        self.seal(true)?;
+        self.sink
+            .flush()
+            .map_err(|error| io::Error::other(EnvelopeError::Sink(error)))?;
+        Ok(self.sink)
+    }
+}
+
+impl<W: Write> Write for ChunkSealer<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buffer.len() == self.chunk_size && !data.is_empty() {
+            self.seal(false)?;
+        }
+        let taken = data.len().min(self.chunk_size - self.buffer.len());
+        self.buffer.extend_from_slice(&data[..taken]);
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads sealed chunks and yields the compressed stream. It reads one chunk ahead, because only
+/// the end of the object tells which chunk must carry the last-chunk flag.
+struct ChunkOpener<R: Read> {
+    source: R,
+    stream: Option<StreamBE32<Aes256Gcm>>,
+    associated_data: Vec<u8>,
+    sealed_chunk_length: usize,
+    pending: Option<Vec<u8>>,
+    plaintext: Vec<u8>,
+    offset: usize,
+    position: u32,
+    finished: bool,
+    object: String,
+}
+
+impl<R: Read> ChunkOpener<R> {
+    fn read_sealed_chunk(&mut self) -> Result<Vec<u8>, EnvelopeError> {
+        let mut chunk = vec![0u8; self.sealed_chunk_length];
+        let filled = read_full(&mut self.source, &mut chunk).map_err(EnvelopeError::Source)?;
+        chunk.truncate(filled);
+        Ok(chunk)
+    }
+
+    fn open_next(&mut self) -> Result<(), EnvelopeError> {
+        if self.stream.is_none() {
+            let mut chunk = vec![0u8; COPY_BUFFER];
+            let filled = read_full(&mut self.source, &mut chunk).map_err(EnvelopeError::Source)?;
+            chunk.truncate(filled);
+            self.finished = filled == 0;
+            self.plaintext = chunk;
+            return Ok(());
+        };
+        let mut current = match self.pending.take() {
+            Some(chunk) => chunk,
+            None => self.read_sealed_chunk()?,
+        };
+        let following = self.read_sealed_chunk()?;
+        let last = following.is_empty();
+        let stream = self.stream.as_ref().expect("checked above");
+        if last {
+            let spare = current.clone();
+            if stream
+                .decrypt_in_place(self.position, true, &self.associated_data, &mut current)
+                .is_err()
+            {
+                return Err(self.diagnose_last_chunk_failure(spare));
+            }
+            self.finished = true;
+        } else {
+            stream
+                .decrypt_in_place(self.position, false, &self.associated_data, &mut current)
+                .map_err(|_| EnvelopeError::AuthenticationFailed {
+                    object: self.object.clone(),
+                    chunk: Some(self.position),
+                })?;
+            self.pending = Some(following);
+        }
+        self.position += 1;
+        self.plaintext = current;
+        Ok(())
+    }
+
+    /// A final chunk that opens as a middle chunk means the object was cut at a chunk boundary.
+    fn diagnose_last_chunk_failure(&self, mut chunk: Vec<u8>) -> EnvelopeError {
+        let stream = self.stream.as_ref().expect("only encrypted objects have chunks");
+        let is_middle_chunk = chunk.len() == self.sealed_chunk_length
+            && stream
+                .decrypt_in_place(self.position, false, &self.associated_data, &mut chunk)
+                .is_ok();
+        if is_middle_chunk || chunk.len() < TAG_LEN {
+            EnvelopeError::Truncated(self.object.clone())
+        } else {
+            EnvelopeError::AuthenticationFailed {
+                object: self.object.clone(),
+                chunk: Some(self.position),
+            }
+        }
+    }
+}
+
+impl<R: Read> Read for ChunkOpener<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.offset == self.plaintext.len() {
+            if self.finished {
+                return Ok(0);
+            }
+            self.open_next().map_err(io::Error::other)?;
+            self.offset = 0;
+        }
+        let count = out.len().min(self.plaintext.len() - self.offset);
+        out[..count].copy_from_slice(&self.plaintext[self.offset..self.offset + count]);
+        self.offset += count;
+        Ok(count)
+    }
+}
+
+/// Hashes and counts the plaintext on its way to the sink, refusing to write past the length
+/// the header promised, so a corrupt object can never fill a disk.
+struct VerifyingWriter<'a, W: Write> {
+    sink: W,
+    hasher: blake3::Hasher,
+    written: u64,
+    limit: u64,
+    object: &'a str,
+}
+
+impl<W: Write> VerifyingWriter<'_, W> {
+    fn finish(mut self, header: &Header) -> Result<(), EnvelopeError> {
+        self.sink.flush().map_err(EnvelopeError::Sink)?;
+        let found = ContentSummary {
+            length: self.written,
+            checksum: Checksum(*self.hasher.finalize().as_bytes()),
+        };
+        if found.length != header.content.length {
+            return Err(EnvelopeError::Truncated(self.object.to_string()));
+        }
+        if found.checksum != header.content.checksum {
+            return Err(EnvelopeError::ChecksumMismatch(self.object.to_string()));
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for VerifyingWriter<'_, W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.written + data.len() as u64 > self.limit {
+            return Err(io::Error::other(EnvelopeError::ChecksumMismatch(self.object.to_string())));
+        }
+        self.sink
+            .write_all(data)
+            .map_err(|error| io::Error::other(EnvelopeError::Sink(error)))?;
+        self.hasher.update(data);
+        self.written += data.len() as u64;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn copy_bounded(source: &mut impl Read, sink: &mut impl Write) -> io::Result<u64> {
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let count = match source.read(&mut buffer) {
+            Ok(0) => return Ok(total),
+            Ok(count) => count,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        sink.write_all(&buffer[..count])?;
+        total += count as u64;
+    }
+}
+
+fn read_full(source: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match source.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(count) => filled += count,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(filled)
+}
+
+/// Recovers an `EnvelopeError` that crossed an `io::Read`/`io::Write` boundary.
+fn unwrap_io(error: io::Error) -> EnvelopeError {
+    match error.downcast::<EnvelopeError>() {
+        Ok(inner) => inner,
+        Err(other) => EnvelopeError::Source(other),
+    }
+}
+
+/// During decoding, an io error that is not ours came from zstd: the compressed data is bad.
+fn corrupt_unless_wrapped(error: io::Error, object: &str) -> EnvelopeError {
+    match error.downcast::<EnvelopeError>() {
+        Ok(inner) => inner,
+        Err(_) => EnvelopeError::CorruptCompressedData(object.to_string()),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("object {0} is not a pitr object (bad magic); something other than pitr wrote it, so it was not used")]
+    NotAnObject(String),
+    #[error("object {object} uses format version {version}, which this pitr does not read; upgrade pitr")]
+    UnsupportedVersion { object: String, version: u8 },
+    #[error("object {0} has a corrupt header; it was not used (check the repository's storage)")]
+    CorruptHeader(String),
+    #[error("object {object} holds data for {found}; it was renamed or copied from elsewhere and was not used")]
+    NameMismatch { object: String, found: String },
+    #[error("object {0} is encrypted but no keyring is configured; set PITR_KEY_FILE or --key-file")]
+    KeyringRequired(String),
+    #[error("object {object} is encrypted with key {key_id}, which the keyring does not hold; use the keyring the repository was written with")]
+    UnknownKey { object: String, key_id: KeyId },
+    #[error("object {object} failed authentication{}; it is corrupt or was tampered with, and was not used", chunk.map(|c| format!(" at chunk {c}")).unwrap_or_default())]
+    AuthenticationFailed { object: String, chunk: Option<u32> },
+    #[error("object {0} is truncated; it was not used (the upload was cut short or the storage lost data)")]
+    Truncated(String),
+    #[error("object {0} failed its plaintext checksum; it is corrupt and was not used")]
+    ChecksumMismatch(String),
+    #[error("object {0} holds corrupt compressed data; it was not used")]
+    CorruptCompressedData(String),
+    #[error("{object} changed while it was being encoded ({expected} bytes expected, {found} read); retry")]
+    SourceChanged { object: String, expected: u64, found: u64 },
+    #[error("reading the source failed: {0}")]
+    Source(io::Error),
+    #[error("{0}")]
+    Sink(io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn keyring() -> (tempfile::TempDir, Keyring) {
+        let directory = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate(&directory.path().join("keyring")).unwrap();
+        (directory, keyring)
+    }
+
+    fn seal(data: &[u8], keyring: Option<&Keyring>, chunk_size: u32) -> Vec<u8> {
+        let options = EncodeOptions {
+            chunk_size,
+            ..EncodeOptions::default()
+        };
+        encode(data, ContentSummary::of_bytes(data), "wal/x", keyring, &options, Vec::new()).unwrap()
+    }
+
+    fn open(object: &[u8], keyring: Option<&Keyring>) -> Result<Vec<u8>, EnvelopeError> {
+        let mut out = Vec::new();
+        decode(object, "wal/x", keyring, &mut out)?;
+        Ok(out)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn round_trips(data in proptest::collection::vec(any::<u8>(), 0..20_000), chunk in 1u32..4096, encrypted: bool) {
+            let (_directory, keyring) = keyring();
+            let keyring = encrypted.then_some(&keyring);
+            let object = seal(&data, keyring, chunk);
+            prop_assert_eq!(open(&object, keyring).unwrap(), data);
+        }
+
+        #[test]
+        fn any_bit_flip_is_rejected(data in proptest::collection::vec(any::<u8>(), 0..5_000), chunk in 1u32..600, bit in any::<proptest::sample::Index>()) {
+            let (_directory, keyring) = keyring();
+            let mut object = seal(&data, Some(&keyring), chunk);
+            let bit = bit.index(object.len() * 8);
+            object[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(open(&object, Some(&keyring)).is_err());
+        }
+
+        #[test]
+        fn any_truncation_is_rejected(data in proptest::collection::vec(any::<u8>(), 0..5_000), chunk in 1u32..600, cut in any::<proptest::sample::Index>()) {
+            let (_directory, keyring) = keyring();
+            let object = seal(&data, Some(&keyring), chunk);
+            let cut = cut.index(object.len());
+            prop_assert!(open(&object[..cut], Some(&keyring)).is_err());
+        }
+
+        #[test]
+        fn unencrypted_truncation_is_rejected(data in proptest::collection::vec(any::<u8>(), 1..5_000), cut in any::<proptest::sample::Index>()) {
+            let object = seal(&data, None, 256);
+            let cut = cut.index(object.len());
+            prop_assert!(open(&object[..cut], None).is_err());
+        }
+    }
+
+    #[test]
+    fn a_cut_at_a_chunk_boundary_is_reported_as_truncation() {
+        let (_directory, keyring) = keyring();
+        let data: Vec<u8> = (0..100_000u32).flat_map(|value| value.to_le_bytes()).collect();
+        let object = seal(&data, Some(&keyring), 64);
+        let header_length = FIXED_HEADER_LEN + "wal/x".len() + 4;
+        assert!(object.len() > header_length + 4 * 80, "the test needs at least four chunks");
+        let cut = header_length + 3 * 80;
+        let error = open(&object[..cut], Some(&keyring)).unwrap_err().to_string();
+        assert!(error.contains("is truncated"), "{error}");
+    }
+
+    #[test]
+    fn wrong_keyring_and_renamed_objects_are_refused() {
+        let (_a, first) = keyring();
+        let (_b, second) = keyring();
+        let object = seal(b"segment bytes", Some(&first), 1024);
+        let error = open(&object, Some(&second)).unwrap_err().to_string();
+        assert!(error.contains("which the keyring does not hold"), "{error}");
+        let error = decode(&object[..], "wal/y", Some(&first), Vec::new()).unwrap_err().to_string();
+        assert_eq!(error, "object wal/y holds data for wal/x; it was renamed or copied from elsewhere and was not used");
+        let error = open(&object, None).unwrap_err().to_string();
+        assert!(error.contains("no keyring is configured"), "{error}");
+    }
+
+    #[test]
+    fn ciphertext_does_not_contain_the_plaintext() {
+        let (_directory, keyring) = keyring();
+        let data = b"MARKER-0123456789".repeat(1000);
+        let object = seal(&data, Some(&keyring), 4096);
+        assert!(!object.windows(17).any(|window| window == b"MARKER-0123456789"));
+    }
+}

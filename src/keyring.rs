@@ -1,0 +1,276 @@
+//! The keyring: the long-lived key-encryption keys that protect every object's data key.
+//!
+//! A keyring file holds one or more 256-bit keys, each with a random 64-bit id. The newest key
+//! (the last in the file) wraps the data keys of new objects; every key in the file can unwrap.
+//! That is what lets keys rotate without rewriting a single object. Key material never leaves
+//! this module in printable form: `Debug` is redacted and the bytes are zeroed on drop.
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::durable;
+
+/// The id of a key-encryption key, stored in every object header it wrapped a data key for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyId(pub u64);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::str::FromStr for KeyId {
+    type Err = KeyringError;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.len() != 16 {
+            return Err(KeyringError::Malformed(format!("key id '{text}' is not 16 hex digits")));
+        }
+        u64::from_str_radix(text, 16)
+            .map(KeyId)
+            .map_err(|_| KeyringError::Malformed(format!("key id '{text}' is not 16 hex digits")))
+    }
+}
+
+/// 256 bits of key material, zeroed when dropped and never printed.
+#[derive(Clone)]
+pub struct SecretKey(Zeroizing<[u8; 32]>);
+
+impl SecretKey {
+    pub fn random() -> Self {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        getrandom::fill(bytes.as_mut()).expect("the operating system's random source failed");
+        SecretKey(bytes)
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        SecretKey(Zeroizing::new(bytes))
+    }
+
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new(&Key::<Aes256Gcm>::from(*self.0))
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+/// One key-encryption key.
+#[derive(Debug, Clone)]
+pub struct KeyringKey {
+    pub id: KeyId,
+    pub created: String,
+    secret: SecretKey,
+}
+
+impl KeyringKey {
+    /// A short public fingerprint of the key, recorded in the repository identity so that the
+    /// wrong keyring is refused before anything is read or written. It reveals nothing of the key.
+    pub fn check_value(&self) -> String {
+        let hash = blake3::keyed_hash(self.secret.bytes(), b"pitr key check value v1");
+        hex::encode(&hash.as_bytes()[..8])
+    }
+
+    /// Encrypts a data key; `context` (the object header) is authenticated alongside it.
+    pub fn wrap(&self, data_key: &SecretKey, context: &[u8]) -> ([u8; 12], [u8; 48]) {
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce).expect("the operating system's random source failed");
+        let mut buffer = data_key.bytes().to_vec();
+        self.secret
+            .cipher()
+            .encrypt_in_place(&Nonce::from(nonce), context, &mut buffer)
+            .expect("AES-GCM encryption of 32 bytes cannot fail");
+        let wrapped: [u8; 48] = buffer.try_into().expect("32 bytes plus a 16-byte tag");
+        (nonce, wrapped)
+    }
+
+    /// Decrypts a data key, or `None` if the wrapped key or its context was altered.
+    pub fn unwrap(&self, nonce: &[u8; 12], wrapped: &[u8; 48], context: &[u8]) -> Option<SecretKey> {
+        let mut buffer = Zeroizing::new(wrapped.to_vec());
+        self.secret
+            .cipher()
+            .decrypt_in_place(&Nonce::from(*nonce), context, &mut *buffer)
+            .ok()?;
+        Some(SecretKey::from_bytes(buffer[..32].try_into().ok()?))
+    }
+}
+
+/// The keys of one keyring file, oldest first.
+#[derive(Debug, Clone)]
+pub struct Keyring {
+    pub path: PathBuf,
+    keys: Vec<KeyringKey>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyringFile {
+    keys: Vec<KeyringFileEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyringFileEntry {
+    id: String,
+    created: String,
+    key: String,
+}
+
+const KEYRING_PREAMBLE: &str = "# pitr keyring. Keep it secret and keep a copy: without it the repository cannot be read.\n# The last key encrypts new objects; every key listed decrypts.\n";
+
+impl Keyring {
+    pub fn load(path: &Path) -> Result<Self, KeyringError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyringError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let malformed = |what: String| KeyringError::Malformed(format!("{}: {what}", path.display()));
+        let file: KeyringFile = toml::from_str(&text).map_err(|error| malformed(error.message().to_string()))?;
+        let mut keys = Vec::new();
+        for entry in file.keys {
+            let mut bytes = Zeroizing::new([0u8; 32]);
+            hex::decode_to_slice(&entry.key, bytes.as_mut())
+                .map_err(|_| malformed(format!("key {} is not 64 hex digits", entry.id)))?;
+            keys.push(KeyringKey {
+                id: entry.id.parse()?,
+                created: entry.created,
+                secret: SecretKey(bytes),
+            });
+        }
+        if keys.is_empty() {
+            return Err(malformed("it holds no keys".to_string()));
+        }
+        Ok(Keyring {
+            path: path.to_path_buf(),
+            keys,
+        })
+    }
+
+    /// Writes a new keyring holding one fresh key. Refuses to touch an existing file, because
+    /// overwriting a keyring would make every object it protects unreadable.
+    pub fn generate(path: &Path) -> Result<Self, KeyringError> {
+        let key = KeyringKey {
+            id: KeyId(getrandom::u64().expect("the operating system's random source failed")),
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            secret: SecretKey::random(),
+        };
+        let keyring = Keyring {
+            path: path.to_path_buf(),
+            keys: vec![key],
+        };
+        keyring.write_new_file()?;
+        Ok(keyring)
+    }
+
+    fn write_new_file(&self) -> Result<(), KeyringError> {
+        let entries = self
+            .keys
+            .iter()
+            .map(|key| KeyringFileEntry {
+                id: key.id.to_string(),
+                created: key.created.clone(),
+                key: hex::encode(key.secret.bytes()),
+            })
+            .collect();
+        let body = Zeroizing::new(
+            toml::to_string(&KeyringFile { keys: entries }).expect("a keyring always serializes"),
+        );
+        let write_error = |source| KeyringError::Write {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::AlreadyExists {
+                    KeyringError::Exists(self.path.display().to_string())
+                } else {
+                    write_error(source)
+                }
+            })?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(write_error)?;
+        file.write_all(KEYRING_PREAMBLE.as_bytes())
+            .and_then(|_| file.write_all(body.as_bytes()))
+            .and_then(|_| file.sync_all())
+            .map_err(write_error)?;
+        durable::sync_parent_directory(&self.path).map_err(write_error)
+    }
+
+    /// The key that encrypts new objects.
+    pub fn newest(&self) -> &KeyringKey {
+        self.keys.last().expect("a loaded keyring holds at least one key")
+    }
+
+    pub fn find(&self, id: KeyId) -> Option<&KeyringKey> {
+        self.keys.iter().find(|key| key.id == id)
+    }
+
+    pub fn keys(&self) -> &[KeyringKey] {
+        &self.keys
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("cannot read the keyring {path}: {source}; check PITR_KEY_FILE")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write the keyring {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the keyring {0} already exists; refusing to overwrite it (choose another --output path)")]
+    Exists(String),
+    #[error("the keyring is malformed: {0}; restore it from your copy")]
+    Malformed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_load_and_refuse_overwrite() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("keyring");
+        let generated = Keyring::generate(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let loaded = Keyring::load(&path).unwrap();
+        assert_eq!(loaded.newest().id, generated.newest().id);
+        assert_eq!(loaded.newest().check_value(), generated.newest().check_value());
+        let error = Keyring::generate(&path).unwrap_err().to_string();
+        assert!(error.contains("already exists; refusing to overwrite"), "{error}");
+    }
+
+    #[test]
+    fn wrapped_keys_are_bound_to_their_context() {
+        let directory = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate(&directory.path().join("k")).unwrap();
+        let data_key = SecretKey::random();
+        let (nonce, wrapped) = keyring.newest().wrap(&data_key, b"header");
+        let unwrapped = keyring.newest().unwrap(&nonce, &wrapped, b"header").unwrap();
+        assert_eq!(unwrapped.bytes(), data_key.bytes());
+        assert!(keyring.newest().unwrap(&nonce, &wrapped, b"other").is_none());
+        assert!(!format!("{:?}", keyring).contains(&hex::encode(data_key.bytes())));
+    }
+}

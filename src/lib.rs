@@ -1,0 +1,14 @@
+//! pitr: PostgreSQL WAL archiving and point-in-time recovery on object storage.
+//!
+//! Modules follow the data flow: `wal` names and validates what Postgres hands over, `envelope`
+//! turns plaintext into a compressed, encrypted object and back, `keyring` holds the keys,
+//! `repository` stores objects on object_store, `config` resolves settings, and `commands` are
+//! the entry points the CLI calls. docs/ARCHITECTURE.md walks through them.
+
+pub mod durable;
+pub mod envelope;
+pub mod keyring;
+pub mod wal;
+pub mod commands;
+pub mod config;
+pub mod repository;

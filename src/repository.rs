@@ -1,0 +1,552 @@
+//! The repository: pitr's objects on object storage, and the only code that talks to the store.
+//!
+//! A repository is a prefix in an `object_store` backend (`file://`, `s3://`, `gs://`, `az://`).
+//! It starts with an identity object naming the cluster, PostgreSQL version, segment size and
+//! the key it is encrypted with; every command checks it before reading or writing anything
+//! else. Objects are written create-only and never overwritten, and every write and read goes
+//! through the envelope codec, so no command can store plaintext or skip verification. On the
+//! local filesystem object_store does not fsync, so this module does: an object is reported
+//! stored only once its data and every directory on its path are durable.
+
+use std::io::{self, Read, Write};
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Settings;
+use crate::envelope::{self, ContentSummary, EncodeOptions, EnvelopeError, Header};
+use crate::keyring::{KeyId, Keyring};
+use crate::wal::{PgVersion, SystemIdentifier, WalFileName, WalSegmentSize};
+
+pub const FORMAT_VERSION: u32 = 1;
+const IDENTITY_KEY: &str = "pitr.identity";
+pub const WAL_PREFIX: &str = "wal";
+
+/// What a repository belongs to, written once by its first use and checked by every later one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub format: String,
+    pub format_version: u32,
+    pub system_identifier: SystemIdentifier,
+    pub pg_version: u32,
+    pub wal_segment_size: u32,
+    pub encryption: Option<EncryptionIdentity>,
+    pub created: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionIdentity {
+    pub cipher: String,
+    pub key_id: String,
+    /// A keyed hash that proves a keyring holds the right key without revealing it.
+    pub key_check: String,
+}
+
+impl Identity {
+    pub fn new(
+        system_identifier: SystemIdentifier,
+        pg_version: PgVersion,
+        segment_size: WalSegmentSize,
+        keyring: Option<&Keyring>,
+    ) -> Self {
+        Identity {
+            format: "pitr".to_string(),
+            format_version: FORMAT_VERSION,
+            system_identifier,
+            pg_version: pg_version.0,
+            wal_segment_size: segment_size.0,
+            encryption: keyring.map(|keyring| EncryptionIdentity {
+                cipher: "aes-256-gcm-stream".to_string(),
+                key_id: keyring.newest().id.to_string(),
+                key_check: keyring.newest().check_value(),
+            }),
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+
+    pub fn segment_size(&self) -> WalSegmentSize {
+        WalSegmentSize(self.wal_segment_size)
+    }
+}
+
+/// The result of a create-only write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    AlreadyExists,
+}
+
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    /// The directory behind a `file://` repository, which this module must fsync itself.
+    local_root: Option<PathBuf>,
+    pub url: String,
+    timeout: Duration,
+    keyring: Option<Keyring>,
+}
+
+impl Repository {
+    /// Connects to the repository named in `settings`, with its keyring. Nothing is read yet.
+    pub fn open(settings: &Settings) -> Result<Self, RepositoryError> {
+        let url_text = settings.repo_url().map_err(|error| RepositoryError::Config(error.to_string()))?;
+        let keyring = match &settings.key_file {
+            Some(path) => Some(Keyring::load(path).map_err(|error| RepositoryError::Config(error.to_string()))?),
+            None => None,
+        };
+        let bad_url = |reason: String| {
+            RepositoryError::Config(format!(
+                "repository URL '{url_text}' is not valid: {reason}; use file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+            ))
+        };
+        let url = url::Url::parse(url_text).map_err(|error| bad_url(error.to_string()))?;
+        let prefix = Path::from(url.path().trim_start_matches('/'));
+        let (store, prefix, local_root): (Arc<dyn ObjectStore>, Path, Option<PathBuf>) = match url.scheme() {
+            "file" => {
+                let root = PathBuf::from(url.path());
+                std::fs::create_dir_all(&root).map_err(|error| {
+                    RepositoryError::Config(format!("cannot create the repository directory {}: {error}", root.display()))
+                })?;
+                let store = object_store::local::LocalFileSystem::new_with_prefix(&root)
+                    .map_err(|error| bad_url(error.to_string()))?
+                    .with_automatic_cleanup(true);
+                (Arc::new(store), Path::default(), Some(root))
+            }
+            "s3" | "s3a" => (build_s3(url_text, settings).map_err(|error| bad_url(error.to_string()))?, prefix, None),
+            "gs" => (build_gcs(url_text, settings).map_err(|error| bad_url(error.to_string()))?, prefix, None),
+            "az" | "azure" | "abfs" | "abfss" => {
+                (build_azure(url_text, settings).map_err(|error| bad_url(error.to_string()))?, prefix, None)
+            }
+            other => return Err(bad_url(format!("the scheme '{other}' is not supported"))),
+        };
+        Ok(Repository {
+            store,
+            prefix,
+            local_root,
+            url: url_text.to_string(),
+            timeout: settings.store_timeout,
+            keyring,
+        })
+    }
+
+    pub fn keyring(&self) -> Option<&Keyring> {
+        self.keyring.as_ref()
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.keyring.is_some()
+    }
+
+    fn location(&self, key: &str) -> Path {
+        Path::from(format!("{}/{key}", self.prefix).trim_start_matches('/'))
+    }
+
+    /// Runs one store operation under the configured deadline, so a stalled store fails the
+    /// command in bounded time instead of hanging it.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        operation: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<T, RepositoryError> {
+        match tokio::time::timeout(self.timeout, operation).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(RepositoryError::from_store(&self.url, what, error)),
+            Err(_) => Err(RepositoryError::Unreachable {
+                url: self.url.clone(),
+                detail: format!("{what} did not finish within {} s", self.timeout.as_secs()),
+            }),
+        }
+    }
+
+    /// The repository's identity, or `None` if nothing was ever written here.
+    pub async fn read_identity(&self) -> Result<Option<Identity>, RepositoryError> {
+        let Some(bytes) = self.get_bytes(IDENTITY_KEY).await? else {
+            return Ok(None);
+        };
+        let identity: Identity = serde_json::from_slice(&bytes).map_err(|error| RepositoryError::Corrupt {
+            url: self.url.clone(),
+            detail: format!("its identity object is not valid: {error}"),
+        })?;
+        if identity.format != "pitr" || identity.format_version != FORMAT_VERSION {
+            return Err(RepositoryError::Corrupt {
+                url: self.url.clone(),
+                detail: format!(
+                    "its identity says format {} version {}, which this pitr does not read; upgrade pitr",
+                    identity.format, identity.format_version
+                ),
+            });
+        }
+        self.check_keyring(&identity)?;
+        Ok(Some(identity))
+    }
+
+    /// The identity, refusing a repository that does not exist yet.
+    pub async fn require_identity(&self) -> Result<Identity, RepositoryError> {
+        self.read_identity().await?.ok_or_else(|| RepositoryError::NoRepository(self.url.clone()))
+    }
+
+    /// Checks the repository's identity against `expected`, creating it on first use.
+    pub async fn ensure_identity(&self, expected: &Identity) -> Result<Identity, RepositoryError> {
+        if let Some(found) = self.read_identity().await? {
+            check_same_cluster(&self.url, &found, expected.system_identifier)?;
+            return Ok(found);
+        }
+        let bytes = serde_json::to_vec_pretty(expected).expect("an identity always serializes");
+        match self.put_raw(IDENTITY_KEY, Bytes::from(bytes)).await? {
+            PutOutcome::Created => {
+                if expected.encryption.is_none() {
+                    tracing::warn!(repository = %self.url, "repository created WITHOUT encryption: objects are compressed and checksummed but readable by anyone with storage access; create a keyring with `pitr keygen` and set PITR_KEY_FILE");
+                }
+                Ok(expected.clone())
+            }
+            // Another process created it first: check theirs instead.
+            PutOutcome::AlreadyExists => {
+                let found = self.require_identity().await?;
+                check_same_cluster(&self.url, &found, expected.system_identifier)?;
+                Ok(found)
+            }
+        }
+    }
+
+    fn check_keyring(&self, identity: &Identity) -> Result<(), RepositoryError> {
+        let mismatch = |detail: String| RepositoryError::WrongKeyring { url: self.url.clone(), detail };
+        match (&identity.encryption, &self.keyring) {
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(mismatch("the repository is encrypted but no keyring is configured; set PITR_KEY_FILE to its keyring".to_string())),
+            (None, Some(keyring)) => Err(mismatch(format!(
+                "the repository was created without encryption but keyring {} is configured; unset PITR_KEY_FILE or use a new repository",
+                keyring.path.display()
+            ))),
+            (Some(encryption), Some(keyring)) => {
+                let key = encryption.key_id.parse::<KeyId>().ok().and_then(|id| keyring.find(id));
+                match key {
+                    Some(key) if key.check_value() == encryption.key_check => Ok(()),
+                    Some(_) => Err(mismatch(format!(
+                        "key {} in keyring {} is not the key the repository was created with; use the repository's own keyring",
+                        encryption.key_id,
+                        keyring.path.display()
+                    ))),
+                    None => Err(mismatch(format!(
+                        "the repository was created with key {}, which keyring {} does not hold; use the repository's own keyring",
+                        encryption.key_id,
+                        keyring.path.display()
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Where a WAL file lives: grouped by timeline, under its own name.
+    pub fn wal_key(name: &WalFileName) -> String {
+        format!("{WAL_PREFIX}/{}/{name}", name.timeline())
+    }
+
+    /// Encodes a local file and stores it under `key`, create-only.
+    pub async fn put_file(
+        &self,
+        key: &str,
+        path: &FsPath,
+        content: ContentSummary,
+        options: &EncodeOptions,
+    ) -> Result<PutOutcome, RepositoryError> {
+        let (key_owned, path_owned, options, keyring) =
+            (key.to_string(), path.to_path_buf(), options.clone(), self.keyring.clone());
+        let capacity = (content.length / 4).min(64 << 20) as usize;
+        let encoded = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path_owned).map_err(|source| EnvelopeError::Source(source))?;
+            envelope::encode(file, content, &key_owned, keyring.as_ref(), &options, Vec::with_capacity(capacity))
+        })
+        .await
+        .expect("the encoding task does not panic")
+        .map_err(|error| RepositoryError::Envelope(error.to_string()))?;
+        self.put_raw(key, Bytes::from(encoded)).await
+    }
+
+    /// Stores already-encoded bytes create-only, and makes them durable.
+    async fn put_raw(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, RepositoryError> {
+        let location = self.location(key);
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let put = self.store.put_opts(&location, PutPayload::from(bytes), options);
+        match tokio::time::timeout(self.timeout, put).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(object_store::Error::AlreadyExists { .. })) => return Ok(PutOutcome::AlreadyExists),
+            Ok(Err(error)) => return Err(RepositoryError::from_store(&self.url, &format!("writing {key}"), error)),
+            Err(_) => {
+                return Err(RepositoryError::Unreachable {
+                    url: self.url.clone(),
+                    detail: format!("writing {key} did not finish within {} s", self.timeout.as_secs()),
+                });
+            }
+        }
+        if let Some(root) = &self.local_root {
+            sync_local_object(root, &location).map_err(|error| RepositoryError::Io {
+                url: self.url.clone(),
+                detail: format!("fsync of {key} failed: {error}"),
+            })?;
+        }
+        Ok(PutOutcome::Created)
+    }
+
+    /// Reads, verifies and decodes the object at `key` into `sink`. `None` if there is no
+    /// such object. Memory stays at a few chunks: the body streams from the store to the sink.
+    pub async fn read_object<W: Write + Send + 'static>(
+        &self,
+        key: &str,
+        sink: W,
+    ) -> Result<Option<(Header, W)>, RepositoryError> {
+        let location = self.location(key);
+        let result = match self.bounded(&format!("reading {key}"), self.store.get(&location)).await {
+            Ok(result) => result,
+            Err(RepositoryError::NotFound) => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let (sender, receiver) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
+        let mut body = result.into_stream();
+        let timeout = self.timeout;
+        let url = self.url.clone();
+        let pump = tokio::spawn(async move {
+            loop {
+                let next = match tokio::time::timeout(timeout, body.next()).await {
+                    Ok(next) => next,
+                    Err(_) => Some(Err(object_store::Error::Generic {
+                        store: "pitr",
+                        source: format!("{url} stalled for {} s while sending an object", timeout.as_secs()).into(),
+                    })),
+                };
+                let Some(item) = next else { break };
+                let item = item.map_err(io::Error::other);
+                let failed = item.is_err();
+                if sender.send(item).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let keyring = self.keyring.clone();
+        let key_owned = key.to_string();
+        let decoded = tokio::task::spawn_blocking(move || {
+            let reader = ChannelReader {
+                receiver,
+                current: Bytes::new(),
+            };
+            let mut sink = sink;
+            let header = envelope::decode(reader, &key_owned, keyring.as_ref(), &mut sink)?;
+            Ok::<_, EnvelopeError>((header, sink))
+        })
+        .await
+        .expect("the decoding task does not panic");
+        pump.abort();
+        match decoded {
+            Ok(decoded) => Ok(Some(decoded)),
+            Err(EnvelopeError::Source(error)) => Err(RepositoryError::Unreachable {
+                url: self.url.clone(),
+                detail: format!("reading {key} failed: {error}"),
+            }),
+            Err(EnvelopeError::Sink(error)) => Err(RepositoryError::Sink(error)),
+            Err(error) => Err(RepositoryError::Envelope(error.to_string())),
+        }
+    }
+
+    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RepositoryError> {
+        let location = self.location(key);
+        let what = format!("reading {key}");
+        let read = async { self.store.get(&location).await?.bytes().await };
+        match self.bounded(&what, read).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(RepositoryError::NotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Every object under `prefix`, sorted by key (the local store lists in no order).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, RepositoryError> {
+        let location = self.location(prefix);
+        let listing = self.store.list(Some(&location)).collect::<Vec<_>>();
+        let listing = tokio::time::timeout(self.timeout, listing)
+            .await
+            .map_err(|_| RepositoryError::Unreachable {
+                url: self.url.clone(),
+                detail: format!("listing {prefix} did not finish within {} s", self.timeout.as_secs()),
+            })?;
+        let mut objects = listing
+            .into_iter()
+            .collect::<object_store::Result<Vec<_>>>()
+            .map_err(|error| RepositoryError::from_store(&self.url, &format!("listing {prefix}"), error))?;
+        objects.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(objects)
+    }
+
+    /// The key of a listed object, relative to the repository prefix.
+    pub fn relative_key<'a>(&self, meta: &'a ObjectMeta) -> &'a str {
+        let full = meta.location.as_ref();
+        let prefix = self.prefix.as_ref();
+        full.strip_prefix(prefix).map(|rest| rest.trim_start_matches('/')).unwrap_or(full)
+    }
+}
+
+/// Refuses a repository that belongs to another cluster.
+pub fn check_same_cluster(url: &str, identity: &Identity, local: SystemIdentifier) -> Result<(), RepositoryError> {
+    if identity.system_identifier != local {
+        return Err(RepositoryError::OtherCluster {
+            url: url.to_string(),
+            repository: identity.system_identifier,
+            local,
+        });
+    }
+    Ok(())
+}
+
+/// Makes a stored local object durable: its data, then each directory from it up to the root.
+fn sync_local_object(root: &FsPath, location: &Path) -> io::Result<()> {
+    let path = root.join(location.as_ref());
+    std::fs::File::open(&path)?.sync_all()?;
+    let mut directory = path.parent();
+    while let Some(current) = directory {
+        std::fs::File::open(current)?.sync_all()?;
+        if current == root {
+            break;
+        }
+        directory = current.parent();
+    }
+    Ok(())
+}
+
+/// Bridges the async body stream to the blocking decoder, with a bounded queue between them.
+struct ChannelReader {
+    receiver: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.receiver.blocking_recv() {
+                Some(item) => self.current = item?,
+                None => return Ok(0),
+            }
+        }
+        let count = out.len().min(self.current.len());
+        out[..count].copy_from_slice(&self.current.split_to(count));
+        Ok(count)
+    }
+}
+
+fn retry_config(timeout: Duration) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: 10,
+        retry_timeout: timeout,
+    }
+}
+
+fn client_options(timeout: Duration) -> ClientOptions {
+    ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5).min(timeout))
+        .with_timeout(timeout)
+}
+
+fn build_s3(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn ObjectStore>> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    let mut builder = AmazonS3Builder::from_env().with_url(url);
+    for (key, value) in &settings.store_options {
+        builder = builder.with_config(key.parse::<AmazonS3ConfigKey>()?, value);
+    }
+    let builder = builder
+        .with_retry(retry_config(settings.store_timeout))
+        .with_client_options(client_options(settings.store_timeout));
+    Ok(Arc::new(builder.build()?))
+}
+
+fn build_gcs(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn ObjectStore>> {
+    use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+    let mut builder = GoogleCloudStorageBuilder::from_env().with_url(url);
+    for (key, value) in &settings.store_options {
+        builder = builder.with_config(key.parse::<GoogleConfigKey>()?, value);
+    }
+    let builder = builder
+        .with_retry(retry_config(settings.store_timeout))
+        .with_client_options(client_options(settings.store_timeout));
+    Ok(Arc::new(builder.build()?))
+}
+
+fn build_azure(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn ObjectStore>> {
+    use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+    let mut builder = MicrosoftAzureBuilder::from_env().with_url(url);
+    for (key, value) in &settings.store_options {
+        builder = builder.with_config(key.parse::<AzureConfigKey>()?, value);
+    }
+    let builder = builder
+        .with_retry(retry_config(settings.store_timeout))
+        .with_client_options(client_options(settings.store_timeout));
+    Ok(Arc::new(builder.build()?))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError {
+    #[error("{0}")]
+    Config(String),
+    #[error("no pitr repository at {0} (it has no identity object yet); check PITR_REPO, or archive a segment to create it")]
+    NoRepository(String),
+    #[error("repository {url} belongs to database system {repository}, but this cluster is {local}; give each cluster its own PITR_REPO")]
+    OtherCluster {
+        url: String,
+        repository: SystemIdentifier,
+        local: SystemIdentifier,
+    },
+    #[error("wrong keyring for repository {url}: {detail}")]
+    WrongKeyring { url: String, detail: String },
+    #[error("repository {url} is damaged: {detail}")]
+    Corrupt { url: String, detail: String },
+    #[error("cannot reach the repository at {url}: {detail}; check PITR_REPO, the endpoint, credentials and network")]
+    Unreachable { url: String, detail: String },
+    #[error("repository {url}: {detail}")]
+    Io { url: String, detail: String },
+    #[error("{0}")]
+    Envelope(String),
+    #[error("{0}")]
+    Sink(io::Error),
+    #[error("object not found")]
+    NotFound,
+}
+
+impl RepositoryError {
+    fn from_store(url: &str, what: &str, error: object_store::Error) -> Self {
+        match error {
+            object_store::Error::NotFound { .. } => RepositoryError::NotFound,
+            other => RepositoryError::Unreachable {
+                url: url.to_string(),
+                detail: format!("{what} failed: {}", one_line(&other)),
+            },
+        }
+    }
+}
+
+/// object_store errors nest their causes; keep the message on one line, as hooks log it.
+fn one_line(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text.replace('\n', " ")
+}

@@ -24,16 +24,31 @@ pub struct GlobalOptions {
     #[arg(long, env = "PITR_KEY_FILE", global = true, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
     /// zstd level, 1 (fastest) to 19 [default: 1].
-    #[arg(long, env = "PITR_COMPRESSION_LEVEL", global = true, value_name = "LEVEL")]
+    #[arg(
+        long,
+        env = "PITR_COMPRESSION_LEVEL",
+        global = true,
+        value_name = "LEVEL"
+    )]
     pub compression_level: Option<String>,
     /// zstd worker threads per object; 0 compresses on one thread [default: the CPU count].
-    #[arg(long, env = "PITR_COMPRESSION_THREADS", global = true, value_name = "N")]
+    #[arg(
+        long,
+        env = "PITR_COMPRESSION_THREADS",
+        global = true,
+        value_name = "N"
+    )]
     pub compression_threads: Option<String>,
     /// PostgreSQL data directory [default: the current directory, where Postgres runs hooks].
     #[arg(long, env = "PITR_PGDATA", global = true, value_name = "DIR")]
     pub pgdata: Option<PathBuf>,
     /// Give up on an unreachable or stalled object store after this many seconds [default: 60].
-    #[arg(long, env = "PITR_STORE_TIMEOUT", global = true, value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "PITR_STORE_TIMEOUT",
+        global = true,
+        value_name = "SECONDS"
+    )]
     pub store_timeout: Option<String>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "PITR_LOG_FORMAT", global = true, value_name = "FORMAT")]
@@ -89,7 +104,8 @@ impl Settings {
             1..=19,
             "choose 1 (fastest) to 19 (smallest)",
         )?;
-        let default_threads = std::thread::available_parallelism().map_or(1, |count| count.get() as i64);
+        let default_threads =
+            std::thread::available_parallelism().map_or(1, |count| count.get() as i64);
         let compression_threads = pick_number(
             "compression threads (PITR_COMPRESSION_THREADS)",
             options.compression_threads.as_deref(),
@@ -120,7 +136,11 @@ impl Settings {
             key_file: options.key_file.clone().or(file.key_file),
             compression_level: compression_level as i32,
             compression_threads: compression_threads as u32,
-            pgdata: options.pgdata.clone().or(file.pgdata).unwrap_or_else(|| PathBuf::from(".")),
+            pgdata: options
+                .pgdata
+                .clone()
+                .or(file.pgdata)
+                .unwrap_or_else(|| PathBuf::from(".")),
             store_timeout: Duration::from_secs(store_timeout as u64),
             store_options: file.store,
             log_format,
@@ -134,7 +154,10 @@ impl Settings {
 
 fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| {
-        ConfigError::BadValue(format!("cannot read the configuration file {}: {error}", path.display()))
+        ConfigError::BadValue(format!(
+            "cannot read the configuration file {}: {error}",
+            path.display()
+        ))
     })?;
     toml::from_str(&text).map_err(|error| {
         ConfigError::BadValue(format!(
@@ -154,21 +177,24 @@ fn pick_number(
     advice: &str,
 ) -> Result<i64, ConfigError> {
     let value = match given {
-        Some(text) => text
-            .trim()
-            .parse::<i64>()
-            .map_err(|_| ConfigError::BadValue(format!("{what} '{text}' is not a number: {advice}")))?,
+        Some(text) => text.trim().parse::<i64>().map_err(|_| {
+            ConfigError::BadValue(format!("{what} '{text}' is not a number: {advice}"))
+        })?,
         None => from_file.unwrap_or(default),
     };
     if !allowed.contains(&value) {
-        return Err(ConfigError::BadValue(format!("{what} {value} is out of range: {advice}")));
+        return Err(ConfigError::BadValue(format!(
+            "{what} {value} is out of range: {advice}"
+        )));
     }
     Ok(value)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("no repository is configured: set PITR_REPO or --repo (for example file:///var/lib/pitr)")]
+    #[error(
+        "no repository is configured: set PITR_REPO or --repo (for example file:///var/lib/pitr)"
+    )]
     MissingRepo,
     #[error("{0}")]
     BadValue(String),
@@ -194,14 +220,22 @@ mod tests {
         options.compression_level = Some("3".into());
         options.repo = Some("s3://bucket/flag".into());
         let settings = Settings::resolve(&options).unwrap();
-        assert_eq!((settings.repo.as_deref(), settings.compression_level), (Some("s3://bucket/flag"), 3));
+        assert_eq!(
+            (settings.repo.as_deref(), settings.compression_level),
+            (Some("s3://bucket/flag"), 3)
+        );
         options.compression_level = Some("30".into());
         assert_eq!(
             Settings::resolve(&options).unwrap_err().to_string(),
             "compression level (PITR_COMPRESSION_LEVEL) 30 is out of range: choose 1 (fastest) to 19 (smallest)"
         );
         std::fs::write(&file, "colour = 'blue'\n").unwrap();
-        let error = Settings::resolve(&GlobalOptions { config: Some(file), ..GlobalOptions::default() }).unwrap_err().to_string();
+        let error = Settings::resolve(&GlobalOptions {
+            config: Some(file),
+            ..GlobalOptions::default()
+        })
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("unknown field `colour`"), "{error}");
     }
 }

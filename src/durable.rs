@@ -29,7 +29,9 @@ impl PendingFile {
     pub fn create(destination: &Path) -> io::Result<Self> {
         let file_name = destination
             .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "destination has no file name"))?
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "destination has no file name")
+            })?
             .to_string_lossy()
             .into_owned();
         let temporary =

@@ -176,8 +176,10 @@ impl Header {
             wrap_nonce: bytes[60..72].try_into().unwrap(),
             wrapped_key: bytes[72..120].try_into().unwrap(),
             stream_nonce: bytes[120..127].try_into().unwrap(),
-            object_name: String::from_utf8(bytes[FIXED_HEADER_LEN..FIXED_HEADER_LEN + name_length].to_vec())
-                .map_err(|_| corrupt())?,
+            object_name: String::from_utf8(
+                bytes[FIXED_HEADER_LEN..FIXED_HEADER_LEN + name_length].to_vec(),
+            )
+            .map_err(|_| corrupt())?,
         };
         if header.chunk_size == 0 || header.chunk_size > MAX_CHUNK_SIZE {
             return Err(corrupt());
@@ -232,7 +234,8 @@ pub fn encode<R: Read, W: Write>(
         let data_key = SecretKey::random();
         header.cipher = Cipher::Aes256GcmStream;
         header.key_id = Some(key.id);
-        getrandom::fill(&mut header.stream_nonce).expect("the operating system's random source failed");
+        getrandom::fill(&mut header.stream_nonce)
+            .expect("the operating system's random source failed");
         (header.wrap_nonce, header.wrapped_key) = key.wrap(&data_key, &header.wrap_context());
         stream = Some(stream_cipher(&data_key, &header.stream_nonce));
     }
@@ -307,8 +310,11 @@ pub fn decode<R: Read, W: Write>(
     };
     match header.compression {
         Compression::Zstd => {
-            let decoder = zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(COPY_BUFFER, opener))
-                .map_err(EnvelopeError::Sink)?;
+            let decoder = zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(
+                COPY_BUFFER,
+                opener,
+            ))
+            .map_err(EnvelopeError::Sink)?;
             copy_bounded(&mut { decoder }, &mut verifier)
         }
         Compression::None => copy_bounded(&mut { opener }, &mut verifier),
@@ -323,16 +329,31 @@ pub fn read_header<R: Read>(mut source: R, expected_name: &str) -> Result<Header
     Header::read_from(&mut source, expected_name).map(|(header, _)| header)
 }
 
-fn open_data_key(header: &Header, keyring: Option<&Keyring>) -> Result<StreamBE32<Aes256Gcm>, EnvelopeError> {
+fn open_data_key(
+    header: &Header,
+    keyring: Option<&Keyring>,
+) -> Result<StreamBE32<Aes256Gcm>, EnvelopeError> {
     let object = header.object_name.clone();
-    let key_id = header.key_id.ok_or_else(|| EnvelopeError::CorruptHeader(object.clone()))?;
+    let key_id = header
+        .key_id
+        .ok_or_else(|| EnvelopeError::CorruptHeader(object.clone()))?;
     let keyring = keyring.ok_or_else(|| EnvelopeError::KeyringRequired(object.clone()))?;
     let key = keyring
         .find(key_id)
-        .ok_or_else(|| EnvelopeError::UnknownKey { object: object.clone(), key_id })?;
+        .ok_or_else(|| EnvelopeError::UnknownKey {
+            object: object.clone(),
+            key_id,
+        })?;
     let data_key = key
-        .unwrap(&header.wrap_nonce, &header.wrapped_key, &header.wrap_context())
-        .ok_or(EnvelopeError::AuthenticationFailed { object, chunk: None })?;
+        .unwrap(
+            &header.wrap_nonce,
+            &header.wrapped_key,
+            &header.wrap_context(),
+        )
+        .ok_or(EnvelopeError::AuthenticationFailed {
+            object,
+            chunk: None,
+        })?;
     Ok(stream_cipher(&data_key, &header.stream_nonce))
 }
 
@@ -358,10 +379,9 @@ impl<W: Write> ChunkSealer<W> {
             stream
                 .encrypt_in_place(self.position, last, &self.associated_data, &mut self.buffer)
                 .map_err(|_| io::Error::other("chunk encryption failed"))?;
-            self.position = self
-                .position
-                .checked_add(1)
-                .ok_or_else(|| io::Error::other("object exceeds 2^32 chunks; raise the chunk size"))?;
+            self.position = self.position.checked_add(1).ok_or_else(|| {
+                io::Error::other("object exceeds 2^32 chunks; raise the chunk size")
+            })?;
         }
         self.sink
             .write_all(&self.buffer)
@@ -458,7 +478,10 @@ impl<R: Read> ChunkOpener<R> {
 
     /// A final chunk that opens as a middle chunk means the object was cut at a chunk boundary.
     fn diagnose_last_chunk_failure(&self, mut chunk: Vec<u8>) -> EnvelopeError {
-        let stream = self.stream.as_ref().expect("only encrypted objects have chunks");
+        let stream = self
+            .stream
+            .as_ref()
+            .expect("only encrypted objects have chunks");
         let is_middle_chunk = chunk.len() == self.sealed_chunk_length
             && stream
                 .decrypt_in_place(self.position, false, &self.associated_data, &mut chunk)
@@ -520,7 +543,9 @@ impl<W: Write> VerifyingWriter<'_, W> {
 impl<W: Write> Write for VerifyingWriter<'_, W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.written + data.len() as u64 > self.limit {
-            return Err(io::Error::other(EnvelopeError::ChecksumMismatch(self.object.to_string())));
+            return Err(io::Error::other(EnvelopeError::ChecksumMismatch(
+                self.object.to_string(),
+            )));
         }
         self.sink
             .write_all(data)
@@ -581,28 +606,46 @@ fn corrupt_unless_wrapped(error: io::Error, object: &str) -> EnvelopeError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
-    #[error("object {0} is not a pitr object (bad magic); something other than pitr wrote it, so it was not used")]
+    #[error(
+        "object {0} is not a pitr object (bad magic); something other than pitr wrote it, so it was not used"
+    )]
     NotAnObject(String),
-    #[error("object {object} uses format version {version}, which this pitr does not read; upgrade pitr")]
+    #[error(
+        "object {object} uses format version {version}, which this pitr does not read; upgrade pitr"
+    )]
     UnsupportedVersion { object: String, version: u8 },
     #[error("object {0} has a corrupt header; it was not used (check the repository's storage)")]
     CorruptHeader(String),
-    #[error("object {object} holds data for {found}; it was renamed or copied from elsewhere and was not used")]
+    #[error(
+        "object {object} holds data for {found}; it was renamed or copied from elsewhere and was not used"
+    )]
     NameMismatch { object: String, found: String },
-    #[error("object {0} is encrypted but no keyring is configured; set PITR_KEY_FILE or --key-file")]
+    #[error(
+        "object {0} is encrypted but no keyring is configured; set PITR_KEY_FILE or --key-file"
+    )]
     KeyringRequired(String),
-    #[error("object {object} is encrypted with key {key_id}, which the keyring does not hold; use the keyring the repository was written with")]
+    #[error(
+        "object {object} is encrypted with key {key_id}, which the keyring does not hold; use the keyring the repository was written with"
+    )]
     UnknownKey { object: String, key_id: KeyId },
-    #[error("object {object} failed authentication{}; it is corrupt or was tampered with, and was not used", chunk.map(|c| format!(" at chunk {c}")).unwrap_or_default())]
+    #[error("object {object} failed authentication{}; it is corrupt, truncated or was tampered with, and was not used", chunk.map(|c| format!(" at chunk {c}")).unwrap_or_default())]
     AuthenticationFailed { object: String, chunk: Option<u32> },
-    #[error("object {0} is truncated; it was not used (the upload was cut short or the storage lost data)")]
+    #[error(
+        "object {0} is truncated; it was not used (the upload was cut short or the storage lost data)"
+    )]
     Truncated(String),
     #[error("object {0} failed its plaintext checksum; it is corrupt and was not used")]
     ChecksumMismatch(String),
     #[error("object {0} holds corrupt compressed data; it was not used")]
     CorruptCompressedData(String),
-    #[error("{object} changed while it was being encoded ({expected} bytes expected, {found} read); retry")]
-    SourceChanged { object: String, expected: u64, found: u64 },
+    #[error(
+        "{object} changed while it was being encoded ({expected} bytes expected, {found} read); retry"
+    )]
+    SourceChanged {
+        object: String,
+        expected: u64,
+        found: u64,
+    },
     #[error("reading the source failed: {0}")]
     Source(io::Error),
     #[error("{0}")]
@@ -625,7 +668,15 @@ mod tests {
             chunk_size,
             ..EncodeOptions::default()
         };
-        encode(data, ContentSummary::of_bytes(data), "wal/x", keyring, &options, Vec::new()).unwrap()
+        encode(
+            data,
+            ContentSummary::of_bytes(data),
+            "wal/x",
+            keyring,
+            &options,
+            Vec::new(),
+        )
+        .unwrap()
     }
 
     fn open(object: &[u8], keyring: Option<&Keyring>) -> Result<Vec<u8>, EnvelopeError> {
@@ -673,12 +724,19 @@ mod tests {
     #[test]
     fn a_cut_at_a_chunk_boundary_is_reported_as_truncation() {
         let (_directory, keyring) = keyring();
-        let data: Vec<u8> = (0..100_000u32).flat_map(|value| value.to_le_bytes()).collect();
+        let data: Vec<u8> = (0..100_000u32)
+            .flat_map(|value| value.to_le_bytes())
+            .collect();
         let object = seal(&data, Some(&keyring), 64);
         let header_length = FIXED_HEADER_LEN + "wal/x".len() + 4;
-        assert!(object.len() > header_length + 4 * 80, "the test needs at least four chunks");
+        assert!(
+            object.len() > header_length + 4 * 80,
+            "the test needs at least four chunks"
+        );
         let cut = header_length + 3 * 80;
-        let error = open(&object[..cut], Some(&keyring)).unwrap_err().to_string();
+        let error = open(&object[..cut], Some(&keyring))
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("is truncated"), "{error}");
     }
 
@@ -689,8 +747,13 @@ mod tests {
         let object = seal(b"segment bytes", Some(&first), 1024);
         let error = open(&object, Some(&second)).unwrap_err().to_string();
         assert!(error.contains("which the keyring does not hold"), "{error}");
-        let error = decode(&object[..], "wal/y", Some(&first), Vec::new()).unwrap_err().to_string();
-        assert_eq!(error, "object wal/y holds data for wal/x; it was renamed or copied from elsewhere and was not used");
+        let error = decode(&object[..], "wal/y", Some(&first), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "object wal/y holds data for wal/x; it was renamed or copied from elsewhere and was not used"
+        );
         let error = open(&object, None).unwrap_err().to_string();
         assert!(error.contains("no keyring is configured"), "{error}");
     }
@@ -700,6 +763,10 @@ mod tests {
         let (_directory, keyring) = keyring();
         let data = b"MARKER-0123456789".repeat(1000);
         let object = seal(&data, Some(&keyring), 4096);
-        assert!(!object.windows(17).any(|window| window == b"MARKER-0123456789"));
+        assert!(
+            !object
+                .windows(17)
+                .any(|window| window == b"MARKER-0123456789")
+        );
     }
 }

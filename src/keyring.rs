@@ -31,7 +31,9 @@ impl std::str::FromStr for KeyId {
     type Err = KeyringError;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         if text.len() != 16 {
-            return Err(KeyringError::Malformed(format!("key id '{text}' is not 16 hex digits")));
+            return Err(KeyringError::Malformed(format!(
+                "key id '{text}' is not 16 hex digits"
+            )));
         }
         u64::from_str_radix(text, 16)
             .map(KeyId)
@@ -99,7 +101,12 @@ impl KeyringKey {
     }
 
     /// Decrypts a data key, or `None` if the wrapped key or its context was altered.
-    pub fn unwrap(&self, nonce: &[u8; 12], wrapped: &[u8; 48], context: &[u8]) -> Option<SecretKey> {
+    pub fn unwrap(
+        &self,
+        nonce: &[u8; 12],
+        wrapped: &[u8; 48],
+        context: &[u8],
+    ) -> Option<SecretKey> {
         let mut buffer = Zeroizing::new(wrapped.to_vec());
         self.secret
             .cipher()
@@ -132,12 +139,14 @@ const KEYRING_PREAMBLE: &str = "# pitr keyring. Keep it secret and keep a copy: 
 
 impl Keyring {
     pub fn load(path: &Path) -> Result<Self, KeyringError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyringError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| KeyringError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
-        let malformed = |what: String| KeyringError::Malformed(format!("{}: {what}", path.display()));
-        let file: KeyringFile = toml::from_str(&text).map_err(|error| malformed(error.message().to_string()))?;
+        let malformed =
+            |what: String| KeyringError::Malformed(format!("{}: {what}", path.display()));
+        let file: KeyringFile =
+            toml::from_str(&text).map_err(|error| malformed(error.message().to_string()))?;
         let mut keys = Vec::new();
         for entry in file.keys {
             let mut bytes = Zeroizing::new([0u8; 32]);
@@ -187,20 +196,20 @@ impl Keyring {
         let body = Zeroizing::new(
             toml::to_string(&KeyringFile { keys: entries }).expect("a keyring always serializes"),
         );
-        let write_error = |source| KeyringError::Write {
+        let write_error = |error| KeyringError::Write {
             path: self.path.display().to_string(),
-            source,
+            error,
         };
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&self.path)
-            .map_err(|source| {
-                if source.kind() == std::io::ErrorKind::AlreadyExists {
+            .map_err(|error| {
+                if error.kind() == std::io::ErrorKind::AlreadyExists {
                     KeyringError::Exists(self.path.display().to_string())
                 } else {
-                    write_error(source)
+                    write_error(error)
                 }
             })?;
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
@@ -214,7 +223,9 @@ impl Keyring {
 
     /// The key that encrypts new objects.
     pub fn newest(&self) -> &KeyringKey {
-        self.keys.last().expect("a loaded keyring holds at least one key")
+        self.keys
+            .last()
+            .expect("a loaded keyring holds at least one key")
     }
 
     pub fn find(&self, id: KeyId) -> Option<&KeyringKey> {
@@ -228,17 +239,13 @@ impl Keyring {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
-    #[error("cannot read the keyring {path}: {source}; check PITR_KEY_FILE")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("cannot write the keyring {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("the keyring {0} already exists; refusing to overwrite it (choose another --output path)")]
+    #[error("cannot read the keyring {path}: {error}; check PITR_KEY_FILE")]
+    Read { path: String, error: std::io::Error },
+    #[error("cannot write the keyring {path}: {error}")]
+    Write { path: String, error: std::io::Error },
+    #[error(
+        "the keyring {0} already exists; refusing to overwrite it (choose another --output path)"
+    )]
     Exists(String),
     #[error("the keyring is malformed: {0}; restore it from your copy")]
     Malformed(String),
@@ -257,9 +264,15 @@ mod tests {
         assert_eq!(mode, 0o600);
         let loaded = Keyring::load(&path).unwrap();
         assert_eq!(loaded.newest().id, generated.newest().id);
-        assert_eq!(loaded.newest().check_value(), generated.newest().check_value());
+        assert_eq!(
+            loaded.newest().check_value(),
+            generated.newest().check_value()
+        );
         let error = Keyring::generate(&path).unwrap_err().to_string();
-        assert!(error.contains("already exists; refusing to overwrite"), "{error}");
+        assert!(
+            error.contains("already exists; refusing to overwrite"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -268,9 +281,17 @@ mod tests {
         let keyring = Keyring::generate(&directory.path().join("k")).unwrap();
         let data_key = SecretKey::random();
         let (nonce, wrapped) = keyring.newest().wrap(&data_key, b"header");
-        let unwrapped = keyring.newest().unwrap(&nonce, &wrapped, b"header").unwrap();
+        let unwrapped = keyring
+            .newest()
+            .unwrap(&nonce, &wrapped, b"header")
+            .unwrap();
         assert_eq!(unwrapped.bytes(), data_key.bytes());
-        assert!(keyring.newest().unwrap(&nonce, &wrapped, b"other").is_none());
+        assert!(
+            keyring
+                .newest()
+                .unwrap(&nonce, &wrapped, b"other")
+                .is_none()
+        );
         assert!(!format!("{:?}", keyring).contains(&hex::encode(data_key.bytes())));
     }
 }

@@ -5,10 +5,10 @@
 //! `repository` stores objects on object_store, `config` resolves settings, and `commands` are
 //! the entry points the CLI calls. docs/ARCHITECTURE.md walks through them.
 
+pub mod commands;
+pub mod config;
 pub mod durable;
 pub mod envelope;
 pub mod keyring;
-pub mod wal;
-pub mod commands;
-pub mod config;
 pub mod repository;
+pub mod wal;

@@ -37,13 +37,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Archive one WAL file: archive_command = 'pitr archive-push %p'. Exit 0 only once durable.
-    #[command(after_help = "Examples:\n  archive_command = 'pitr archive-push %p'\n  pitr archive-push pg_wal/000000010000000000000003\n\nExit codes: 0 archived (or already archived with identical content); 1 refused or failed, Postgres keeps the file and retries.")]
+    #[command(
+        after_help = "Examples:\n  archive_command = 'pitr archive-push %p'\n  pitr archive-push pg_wal/000000010000000000000003\n\nExit codes: 0 archived (or already archived with identical content); 1 refused or failed, Postgres keeps the file and retries."
+    )]
     ArchivePush {
         /// The file to archive (%p), relative to the data directory or absolute.
         path: PathBuf,
     },
     /// Restore one WAL file: restore_command = 'pitr archive-get %f %p'.
-    #[command(after_help = "Examples:\n  restore_command = 'pitr archive-get %f %p'\n  pitr archive-get 000000010000000000000003 /tmp/seg\n\nExit codes: 0 restored and verified; 1 not in the archive (quietly) or failed (with a message); nothing is left at the destination unless it is complete and verified.")]
+    #[command(
+        after_help = "Examples:\n  restore_command = 'pitr archive-get %f %p'\n  pitr archive-get 000000010000000000000003 /tmp/seg\n\nExit codes: 0 restored and verified; 1 not in the archive (quietly) or failed (with a message); nothing is left at the destination unless it is complete and verified."
+    )]
     ArchiveGet {
         /// The WAL file name to restore (%f).
         wal_file: String,
@@ -51,7 +55,9 @@ enum Command {
         destination: PathBuf,
     },
     /// Create a keyring file holding one new random 256-bit key (mode 0600).
-    #[command(after_help = "Example:\n  pitr keygen --output /etc/pitr/keyring\n  export PITR_KEY_FILE=/etc/pitr/keyring")]
+    #[command(
+        after_help = "Example:\n  pitr keygen --output /etc/pitr/keyring\n  export PITR_KEY_FILE=/etc/pitr/keyring"
+    )]
     Keygen {
         /// The keyring file to create; an existing file is never overwritten.
         #[arg(long, short)]
@@ -67,7 +73,9 @@ enum Command {
 #[derive(Subcommand)]
 enum WalCommand {
     /// List archived WAL per timeline, with the gaps between segments.
-    #[command(after_help = "Examples:\n  pitr wal list\n  pitr wal list --output json | jq '.timelines[].gaps'")]
+    #[command(
+        after_help = "Examples:\n  pitr wal list\n  pitr wal list --output json | jq '.timelines[].gaps'"
+    )]
     List {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
@@ -82,7 +90,10 @@ enum OutputFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let hook = matches!(cli.command, Command::ArchivePush { .. } | Command::ArchiveGet { .. });
+    let hook = matches!(
+        cli.command,
+        Command::ArchivePush { .. } | Command::ArchiveGet { .. }
+    );
     let settings = match Settings::resolve(&cli.global) {
         Ok(settings) => settings,
         Err(error) => return fail(&cli.command, &anyhow::Error::new(error)),
@@ -106,7 +117,10 @@ async fn run(command: &Command, settings: &Settings) -> anyhow::Result<ExitCode>
             tracing::debug!(?outcome, path = %path.display(), "archive-push done");
             Ok(ExitCode::SUCCESS)
         }
-        Command::ArchiveGet { wal_file, destination } => match archive_get::run(settings, wal_file, destination).await? {
+        Command::ArchiveGet {
+            wal_file,
+            destination,
+        } => match archive_get::run(settings, wal_file, destination).await? {
             archive_get::GetOutcome::Restored => Ok(ExitCode::SUCCESS),
             archive_get::GetOutcome::NotFound => {
                 tracing::debug!(wal_file, "not in the archive");
@@ -135,7 +149,10 @@ fn fail(command: &Command, error: &anyhow::Error) -> ExitCode {
         Command::Keygen { .. } => "keygen",
         Command::Wal { .. } => "wal list",
     };
-    eprintln!("pitr {name}: error: {}", format!("{error:#}").replace('\n', " "));
+    eprintln!(
+        "pitr {name}: error: {}",
+        format!("{error:#}").replace('\n', " ")
+    );
     ExitCode::from(1)
 }
 
@@ -143,7 +160,9 @@ fn init_logging(settings: &Settings, hook: bool) {
     let default_level = if hook { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PITR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match settings.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_target(false).init(),

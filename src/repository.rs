@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    BackoffConfig, ClientConfigKey, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
     PutPayload, RetryConfig,
 };
 use serde::{Deserialize, Serialize};
@@ -98,9 +98,13 @@ pub struct Repository {
 impl Repository {
     /// Connects to the repository named in `settings`, with its keyring. Nothing is read yet.
     pub fn open(settings: &Settings) -> Result<Self, RepositoryError> {
-        let url_text = settings.repo_url().map_err(|error| RepositoryError::Config(error.to_string()))?;
+        let url_text = settings
+            .repo_url()
+            .map_err(|error| RepositoryError::Config(error.to_string()))?;
         let keyring = match &settings.key_file {
-            Some(path) => Some(Keyring::load(path).map_err(|error| RepositoryError::Config(error.to_string()))?),
+            Some(path) => Some(
+                Keyring::load(path).map_err(|error| RepositoryError::Config(error.to_string()))?,
+            ),
             None => None,
         };
         let bad_url = |reason: String| {
@@ -110,24 +114,38 @@ impl Repository {
         };
         let url = url::Url::parse(url_text).map_err(|error| bad_url(error.to_string()))?;
         let prefix = Path::from(url.path().trim_start_matches('/'));
-        let (store, prefix, local_root): (Arc<dyn ObjectStore>, Path, Option<PathBuf>) = match url.scheme() {
-            "file" => {
-                let root = PathBuf::from(url.path());
-                std::fs::create_dir_all(&root).map_err(|error| {
-                    RepositoryError::Config(format!("cannot create the repository directory {}: {error}", root.display()))
-                })?;
-                let store = object_store::local::LocalFileSystem::new_with_prefix(&root)
-                    .map_err(|error| bad_url(error.to_string()))?
-                    .with_automatic_cleanup(true);
-                (Arc::new(store), Path::default(), Some(root))
-            }
-            "s3" | "s3a" => (build_s3(url_text, settings).map_err(|error| bad_url(error.to_string()))?, prefix, None),
-            "gs" => (build_gcs(url_text, settings).map_err(|error| bad_url(error.to_string()))?, prefix, None),
-            "az" | "azure" | "abfs" | "abfss" => {
-                (build_azure(url_text, settings).map_err(|error| bad_url(error.to_string()))?, prefix, None)
-            }
-            other => return Err(bad_url(format!("the scheme '{other}' is not supported"))),
-        };
+        let (store, prefix, local_root): (Arc<dyn ObjectStore>, Path, Option<PathBuf>) =
+            match url.scheme() {
+                "file" => {
+                    let root = PathBuf::from(url.path());
+                    std::fs::create_dir_all(&root).map_err(|error| {
+                        RepositoryError::Config(format!(
+                            "cannot create the repository directory {}: {error}",
+                            root.display()
+                        ))
+                    })?;
+                    let store = object_store::local::LocalFileSystem::new_with_prefix(&root)
+                        .map_err(|error| bad_url(error.to_string()))?
+                        .with_automatic_cleanup(true);
+                    (Arc::new(store), Path::default(), Some(root))
+                }
+                "s3" | "s3a" => (
+                    build_s3(url_text, settings).map_err(|error| bad_url(error.to_string()))?,
+                    prefix,
+                    None,
+                ),
+                "gs" => (
+                    build_gcs(url_text, settings).map_err(|error| bad_url(error.to_string()))?,
+                    prefix,
+                    None,
+                ),
+                "az" | "azure" | "abfs" | "abfss" => (
+                    build_azure(url_text, settings).map_err(|error| bad_url(error.to_string()))?,
+                    prefix,
+                    None,
+                ),
+                other => return Err(bad_url(format!("the scheme '{other}' is not supported"))),
+            };
         Ok(Repository {
             store,
             prefix,
@@ -172,10 +190,11 @@ impl Repository {
         let Some(bytes) = self.get_bytes(IDENTITY_KEY).await? else {
             return Ok(None);
         };
-        let identity: Identity = serde_json::from_slice(&bytes).map_err(|error| RepositoryError::Corrupt {
-            url: self.url.clone(),
-            detail: format!("its identity object is not valid: {error}"),
-        })?;
+        let identity: Identity =
+            serde_json::from_slice(&bytes).map_err(|error| RepositoryError::Corrupt {
+                url: self.url.clone(),
+                detail: format!("its identity object is not valid: {error}"),
+            })?;
         if identity.format != "pitr" || identity.format_version != FORMAT_VERSION {
             return Err(RepositoryError::Corrupt {
                 url: self.url.clone(),
@@ -191,7 +210,9 @@ impl Repository {
 
     /// The identity, refusing a repository that does not exist yet.
     pub async fn require_identity(&self) -> Result<Identity, RepositoryError> {
-        self.read_identity().await?.ok_or_else(|| RepositoryError::NoRepository(self.url.clone()))
+        self.read_identity()
+            .await?
+            .ok_or_else(|| RepositoryError::NoRepository(self.url.clone()))
     }
 
     /// Checks the repository's identity against `expected`, creating it on first use.
@@ -218,7 +239,10 @@ impl Repository {
     }
 
     fn check_keyring(&self, identity: &Identity) -> Result<(), RepositoryError> {
-        let mismatch = |detail: String| RepositoryError::WrongKeyring { url: self.url.clone(), detail };
+        let mismatch = |detail: String| RepositoryError::WrongKeyring {
+            url: self.url.clone(),
+            detail,
+        };
         match (&identity.encryption, &self.keyring) {
             (None, None) => Ok(()),
             (Some(_), None) => Err(mismatch("the repository is encrypted but no keyring is configured; set PITR_KEY_FILE to its keyring".to_string())),
@@ -258,12 +282,23 @@ impl Repository {
         content: ContentSummary,
         options: &EncodeOptions,
     ) -> Result<PutOutcome, RepositoryError> {
-        let (key_owned, path_owned, options, keyring) =
-            (key.to_string(), path.to_path_buf(), options.clone(), self.keyring.clone());
+        let (key_owned, path_owned, options, keyring) = (
+            key.to_string(),
+            path.to_path_buf(),
+            options.clone(),
+            self.keyring.clone(),
+        );
         let capacity = (content.length / 4).min(64 << 20) as usize;
         let encoded = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&path_owned).map_err(|source| EnvelopeError::Source(source))?;
-            envelope::encode(file, content, &key_owned, keyring.as_ref(), &options, Vec::with_capacity(capacity))
+            let file = std::fs::File::open(&path_owned).map_err(EnvelopeError::Source)?;
+            envelope::encode(
+                file,
+                content,
+                &key_owned,
+                keyring.as_ref(),
+                &options,
+                Vec::with_capacity(capacity),
+            )
         })
         .await
         .expect("the encoding task does not panic")
@@ -278,15 +313,28 @@ impl Repository {
             mode: PutMode::Create,
             ..PutOptions::default()
         };
-        let put = self.store.put_opts(&location, PutPayload::from(bytes), options);
+        let put = self
+            .store
+            .put_opts(&location, PutPayload::from(bytes), options);
         match tokio::time::timeout(self.timeout, put).await {
             Ok(Ok(_)) => {}
-            Ok(Err(object_store::Error::AlreadyExists { .. })) => return Ok(PutOutcome::AlreadyExists),
-            Ok(Err(error)) => return Err(RepositoryError::from_store(&self.url, &format!("writing {key}"), error)),
+            Ok(Err(object_store::Error::AlreadyExists { .. })) => {
+                return Ok(PutOutcome::AlreadyExists);
+            }
+            Ok(Err(error)) => {
+                return Err(RepositoryError::from_store(
+                    &self.url,
+                    &format!("writing {key}"),
+                    error,
+                ));
+            }
             Err(_) => {
                 return Err(RepositoryError::Unreachable {
                     url: self.url.clone(),
-                    detail: format!("writing {key} did not finish within {} s", self.timeout.as_secs()),
+                    detail: format!(
+                        "writing {key} did not finish within {} s",
+                        self.timeout.as_secs()
+                    ),
                 });
             }
         }
@@ -307,7 +355,10 @@ impl Repository {
         sink: W,
     ) -> Result<Option<(Header, W)>, RepositoryError> {
         let location = self.location(key);
-        let result = match self.bounded(&format!("reading {key}"), self.store.get(&location)).await {
+        let result = match self
+            .bounded(&format!("reading {key}"), self.store.get(&location))
+            .await
+        {
             Ok(result) => result,
             Err(RepositoryError::NotFound) => return Ok(None),
             Err(error) => return Err(error),
@@ -322,7 +373,11 @@ impl Repository {
                     Ok(next) => next,
                     Err(_) => Some(Err(object_store::Error::Generic {
                         store: "pitr",
-                        source: format!("{url} stalled for {} s while sending an object", timeout.as_secs()).into(),
+                        source: format!(
+                            "{url} stalled for {} s while sending an object",
+                            timeout.as_secs()
+                        )
+                        .into(),
                     })),
                 };
                 let Some(item) = next else { break };
@@ -377,12 +432,17 @@ impl Repository {
             .await
             .map_err(|_| RepositoryError::Unreachable {
                 url: self.url.clone(),
-                detail: format!("listing {prefix} did not finish within {} s", self.timeout.as_secs()),
+                detail: format!(
+                    "listing {prefix} did not finish within {} s",
+                    self.timeout.as_secs()
+                ),
             })?;
         let mut objects = listing
             .into_iter()
             .collect::<object_store::Result<Vec<_>>>()
-            .map_err(|error| RepositoryError::from_store(&self.url, &format!("listing {prefix}"), error))?;
+            .map_err(|error| {
+                RepositoryError::from_store(&self.url, &format!("listing {prefix}"), error)
+            })?;
         objects.sort_by(|a, b| a.location.cmp(&b.location));
         Ok(objects)
     }
@@ -391,12 +451,18 @@ impl Repository {
     pub fn relative_key<'a>(&self, meta: &'a ObjectMeta) -> &'a str {
         let full = meta.location.as_ref();
         let prefix = self.prefix.as_ref();
-        full.strip_prefix(prefix).map(|rest| rest.trim_start_matches('/')).unwrap_or(full)
+        full.strip_prefix(prefix)
+            .map(|rest| rest.trim_start_matches('/'))
+            .unwrap_or(full)
     }
 }
 
 /// Refuses a repository that belongs to another cluster.
-pub fn check_same_cluster(url: &str, identity: &Identity, local: SystemIdentifier) -> Result<(), RepositoryError> {
+pub fn check_same_cluster(
+    url: &str,
+    identity: &Identity,
+    local: SystemIdentifier,
+) -> Result<(), RepositoryError> {
     if identity.system_identifier != local {
         return Err(RepositoryError::OtherCluster {
             url: url.to_string(),
@@ -454,45 +520,61 @@ fn retry_config(timeout: Duration) -> RetryConfig {
     }
 }
 
-fn client_options(timeout: Duration) -> ClientOptions {
-    ClientOptions::new()
-        .with_connect_timeout(Duration::from_secs(5).min(timeout))
-        .with_timeout(timeout)
+/// Request timeouts, set key by key: replacing the whole `ClientOptions` would drop what the
+/// builder read from the environment (`AWS_ALLOW_HTTP`, proxies, ...).
+fn client_timeouts(timeout: Duration) -> [(ClientConfigKey, String); 2] {
+    let connect = timeout.min(Duration::from_secs(5));
+    [
+        (
+            ClientConfigKey::ConnectTimeout,
+            format!("{}ms", connect.as_millis()),
+        ),
+        (
+            ClientConfigKey::Timeout,
+            format!("{}ms", timeout.as_millis()),
+        ),
+    ]
 }
 
 fn build_s3(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn ObjectStore>> {
     use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-    let mut builder = AmazonS3Builder::from_env().with_url(url);
+    let mut builder = AmazonS3Builder::from_env()
+        .with_url(url)
+        .with_retry(retry_config(settings.store_timeout));
+    for (key, value) in client_timeouts(settings.store_timeout) {
+        builder = builder.with_config(AmazonS3ConfigKey::Client(key), value);
+    }
     for (key, value) in &settings.store_options {
         builder = builder.with_config(key.parse::<AmazonS3ConfigKey>()?, value);
     }
-    let builder = builder
-        .with_retry(retry_config(settings.store_timeout))
-        .with_client_options(client_options(settings.store_timeout));
     Ok(Arc::new(builder.build()?))
 }
 
 fn build_gcs(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn ObjectStore>> {
     use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
-    let mut builder = GoogleCloudStorageBuilder::from_env().with_url(url);
+    let mut builder = GoogleCloudStorageBuilder::from_env()
+        .with_url(url)
+        .with_retry(retry_config(settings.store_timeout));
+    for (key, value) in client_timeouts(settings.store_timeout) {
+        builder = builder.with_config(GoogleConfigKey::Client(key), value);
+    }
     for (key, value) in &settings.store_options {
         builder = builder.with_config(key.parse::<GoogleConfigKey>()?, value);
     }
-    let builder = builder
-        .with_retry(retry_config(settings.store_timeout))
-        .with_client_options(client_options(settings.store_timeout));
     Ok(Arc::new(builder.build()?))
 }
 
 fn build_azure(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn ObjectStore>> {
     use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-    let mut builder = MicrosoftAzureBuilder::from_env().with_url(url);
+    let mut builder = MicrosoftAzureBuilder::from_env()
+        .with_url(url)
+        .with_retry(retry_config(settings.store_timeout));
+    for (key, value) in client_timeouts(settings.store_timeout) {
+        builder = builder.with_config(AzureConfigKey::Client(key), value);
+    }
     for (key, value) in &settings.store_options {
         builder = builder.with_config(key.parse::<AzureConfigKey>()?, value);
     }
-    let builder = builder
-        .with_retry(retry_config(settings.store_timeout))
-        .with_client_options(client_options(settings.store_timeout));
     Ok(Arc::new(builder.build()?))
 }
 
@@ -500,9 +582,13 @@ fn build_azure(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn O
 pub enum RepositoryError {
     #[error("{0}")]
     Config(String),
-    #[error("no pitr repository at {0} (it has no identity object yet); check PITR_REPO, or archive a segment to create it")]
+    #[error(
+        "no pitr repository at {0} (it has no identity object yet); check PITR_REPO, or archive a segment to create it"
+    )]
     NoRepository(String),
-    #[error("repository {url} belongs to database system {repository}, but this cluster is {local}; give each cluster its own PITR_REPO")]
+    #[error(
+        "repository {url} belongs to database system {repository}, but this cluster is {local}; give each cluster its own PITR_REPO"
+    )]
     OtherCluster {
         url: String,
         repository: SystemIdentifier,
@@ -512,7 +598,9 @@ pub enum RepositoryError {
     WrongKeyring { url: String, detail: String },
     #[error("repository {url} is damaged: {detail}")]
     Corrupt { url: String, detail: String },
-    #[error("cannot reach the repository at {url}: {detail}; check PITR_REPO, the endpoint, credentials and network")]
+    #[error(
+        "cannot reach the repository at {url}: {detail}; check PITR_REPO, the endpoint, credentials and network"
+    )]
     Unreachable { url: String, detail: String },
     #[error("repository {url}: {detail}")]
     Io { url: String, detail: String },

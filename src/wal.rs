@@ -174,7 +174,10 @@ pub enum WalFileName {
     /// The last, incomplete segment of an old timeline, archived at promotion.
     Partial(SegmentName),
     /// A backup history file: the segment the backup started in and the offset within it.
-    Backup { segment: SegmentName, offset: u32 },
+    Backup {
+        segment: SegmentName,
+        offset: u32,
+    },
     /// A timeline history file, `TTTTTTTT.history`.
     History(TimelineId),
 }
@@ -220,7 +223,9 @@ impl FromStr for WalFileName {
             return Ok(WalFileName::History(TimelineId(timeline)));
         }
         if let Some(segment) = text.strip_suffix(".partial") {
-            return Ok(WalFileName::Partial(segment.parse().map_err(|_| not_wal())?));
+            return Ok(WalFileName::Partial(
+                segment.parse().map_err(|_| not_wal())?,
+            ));
         }
         if let Some(rest) = text.strip_suffix(".backup") {
             let (segment, offset) = rest.split_once('.').ok_or_else(not_wal)?;
@@ -264,10 +269,11 @@ impl SegmentHeader {
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
         let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
         let magic = u16_at(0);
-        let pg_version = PgVersion::from_page_magic(magic).ok_or_else(|| WalError::NotASegment {
-            file: file.to_string(),
-            reason: format!("page magic 0x{magic:04X} is not that of PostgreSQL 13 to 18"),
-        })?;
+        let pg_version =
+            PgVersion::from_page_magic(magic).ok_or_else(|| WalError::NotASegment {
+                file: file.to_string(),
+                reason: format!("page magic 0x{magic:04X} is not that of PostgreSQL 13 to 18"),
+            })?;
         if u16_at(2) & XLP_LONG_HEADER == 0 {
             return Err(WalError::NotASegment {
                 file: file.to_string(),
@@ -278,7 +284,10 @@ impl SegmentHeader {
         if !segment_size.is_valid() {
             return Err(WalError::NotASegment {
                 file: file.to_string(),
-                reason: format!("its header names an impossible segment size {}", segment_size.0),
+                reason: format!(
+                    "its header names an impossible segment size {}",
+                    segment_size.0
+                ),
             });
         }
         Ok(SegmentHeader {
@@ -317,9 +326,9 @@ pub fn read_segment_header(
     file: &str,
     name: SegmentName,
 ) -> Result<SegmentHeader, WalError> {
-    let io_error = |source| WalError::Io {
+    let io_error = |error| WalError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     };
     let mut handle = std::fs::File::open(path).map_err(io_error)?;
     let length = handle.metadata().map_err(io_error)?.len();
@@ -372,11 +381,8 @@ pub enum WalError {
         found: Lsn,
         expected: Lsn,
     },
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read {path}: {error}")]
+    Io { path: String, error: std::io::Error },
 }
 
 #[cfg(test)]
@@ -396,7 +402,12 @@ mod tests {
         ] {
             assert_eq!(text.parse::<WalFileName>().unwrap().to_string(), text);
         }
-        for bad in ["RECOVERYXLOG", "00000001.HISTORY", "0000000100000000000000gg", ""] {
+        for bad in [
+            "RECOVERYXLOG",
+            "00000001.HISTORY",
+            "0000000100000000000000gg",
+            "",
+        ] {
             assert!(bad.parse::<WalFileName>().is_err(), "{bad}");
         }
     }
@@ -404,7 +415,10 @@ mod tests {
     #[test]
     fn segment_arithmetic_crosses_log_ids() {
         let name: SegmentName = "0000000100000000000000FF".parse().unwrap();
-        assert_eq!(name.next(SIXTEEN_MIB).to_string(), "000000010000000100000000");
+        assert_eq!(
+            name.next(SIXTEEN_MIB).to_string(),
+            "000000010000000100000000"
+        );
         assert_eq!(name.start_lsn(SIXTEEN_MIB).to_string(), "0/FF000000");
     }
 

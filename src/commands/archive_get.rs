@@ -25,12 +25,24 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
     let repository = Repository::open(settings)?;
     let identity = repository.require_identity().await?;
     if let Some(local) = wal::control_file_system_identifier(&settings.pgdata) {
-        check_same_cluster(&repository.url, &identity, local)
-            .with_context(|| format!("refusing to restore {wal_file} into {}", settings.pgdata.display()))?;
+        check_same_cluster(&repository.url, &identity, local).with_context(|| {
+            format!(
+                "refusing to restore {wal_file} into {}",
+                settings.pgdata.display()
+            )
+        })?;
     }
-    let destination = if destination.is_absolute() { destination.to_path_buf() } else { settings.pgdata.join(destination) };
-    let pending = PendingFile::create(&destination)
-        .with_context(|| format!("cannot create a temporary file beside {}", destination.display()))?;
+    let destination = if destination.is_absolute() {
+        destination.to_path_buf()
+    } else {
+        settings.pgdata.join(destination)
+    };
+    let pending = PendingFile::create(&destination).with_context(|| {
+        format!(
+            "cannot create a temporary file beside {}",
+            destination.display()
+        )
+    })?;
     let key = Repository::wal_key(&name);
     let restored = repository
         .read_object(&key, pending)
@@ -46,7 +58,10 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
         return Ok(GetOutcome::NotFound);
     };
     pending.commit().with_context(|| {
-        format!("making {} durable failed; free space or fix the volume holding it", destination.display())
+        format!(
+            "making {} durable failed; free space or fix the volume holding it",
+            destination.display()
+        )
     })?;
     Ok(GetOutcome::Restored)
 }

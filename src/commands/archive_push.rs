@@ -26,7 +26,12 @@ pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
     let file_name = path
         .file_name()
         .and_then(|name| name.to_str())
-        .with_context(|| format!("'{}' has no file name; archive_command must pass %p", path.display()))?;
+        .with_context(|| {
+            format!(
+                "'{}' has no file name; archive_command must pass %p",
+                path.display()
+            )
+        })?;
     let name: WalFileName = file_name.parse()?;
     let path = resolve_against_pgdata(settings, path);
     let header = match name.segment() {
@@ -46,7 +51,12 @@ pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
     let repository = Repository::open(settings)?;
     let identity = match header {
         Some(header) => {
-            let expected = Identity::new(header.system_identifier, header.pg_version, header.segment_size, repository.keyring());
+            let expected = Identity::new(
+                header.system_identifier,
+                header.pg_version,
+                header.segment_size,
+                repository.keyring(),
+            );
             repository.ensure_identity(&expected).await?
         }
         None => repository.require_identity().await?,
@@ -55,7 +65,8 @@ pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
         check_same_cluster(&repository.url, &identity, header.system_identifier)
             .with_context(|| format!("refusing to archive {file_name}"))?;
     }
-    let content = ContentSummary::of_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let content = ContentSummary::of_file(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let key = Repository::wal_key(&name);
     let options = EncodeOptions {
         compression_level: settings.compression_level,
@@ -64,7 +75,9 @@ pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
     };
     match repository.put_file(&key, &path, content, &options).await? {
         PutOutcome::Created => Ok(PushOutcome::Stored),
-        PutOutcome::AlreadyExists => compare_with_stored(&repository, &key, file_name, content).await,
+        PutOutcome::AlreadyExists => {
+            compare_with_stored(&repository, &key, file_name, content).await
+        }
     }
 }
 
@@ -81,7 +94,10 @@ async fn compare_with_stored(
         .await
         .with_context(|| format!("{file_name} is already archived but the stored copy cannot be verified; it was left untouched"))?;
     let Some((header, _)) = stored else {
-        bail!("{file_name} was reported as existing but cannot be read back from {}; retry", repository.url);
+        bail!(
+            "{file_name} was reported as existing but cannot be read back from {}; retry",
+            repository.url
+        );
     };
     if header.content == content {
         return Ok(PushOutcome::AlreadyArchived);
@@ -108,12 +124,18 @@ fn resolve_against_pgdata(settings: &Settings, path: &Path) -> PathBuf {
 /// History and backup files carry no WAL header; the segments beside them tell which cluster
 /// wrote them, so a fresh repository can still record its identity.
 fn header_of_any_segment_beside(path: &Path) -> Option<SegmentHeader> {
-    let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::read_dir(directory).ok()?.flatten().find_map(|entry| {
-        let file_name = entry.file_name().into_string().ok()?;
-        let WalFileName::Segment(segment) = file_name.parse().ok()? else {
-            return None;
-        };
-        wal::read_segment_header(&entry.path(), &file_name, segment).ok()
-    })
+    let directory = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::read_dir(directory)
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let file_name = entry.file_name().into_string().ok()?;
+            let WalFileName::Segment(segment) = file_name.parse().ok()? else {
+                return None;
+            };
+            wal::read_segment_header(&entry.path(), &file_name, segment).ok()
+        })
 }

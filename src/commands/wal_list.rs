@@ -44,7 +44,11 @@ pub async fn collect(settings: &Settings) -> Result<WalListing> {
     let mut by_timeline: BTreeMap<TimelineId, Vec<WalFileName>> = BTreeMap::new();
     for meta in repository.list(WAL_PREFIX).await? {
         let key = repository.relative_key(&meta);
-        let Some(name) = key.rsplit('/').next().and_then(|last| last.parse::<WalFileName>().ok()) else {
+        let Some(name) = key
+            .rsplit('/')
+            .next()
+            .and_then(|last| last.parse::<WalFileName>().ok())
+        else {
             continue;
         };
         by_timeline.entry(name.timeline()).or_default().push(name);
@@ -61,7 +65,11 @@ pub async fn collect(settings: &Settings) -> Result<WalListing> {
     })
 }
 
-fn summarize(timeline: TimelineId, mut names: Vec<WalFileName>, size: WalSegmentSize) -> TimelineSummary {
+fn summarize(
+    timeline: TimelineId,
+    mut names: Vec<WalFileName>,
+    size: WalSegmentSize,
+) -> TimelineSummary {
     names.sort();
     let segments: Vec<SegmentName> = names
         .iter()
@@ -76,26 +84,45 @@ fn summarize(timeline: TimelineId, mut names: Vec<WalFileName>, size: WalSegment
             let (before, after) = (pair[0].segment_number(size), pair[1].segment_number(size));
             (after > before + 1).then(|| Gap {
                 first_missing: pair[0].next(size).to_string(),
-                last_missing: SegmentName::from_segment_number(timeline, after - 1, size).to_string(),
+                last_missing: SegmentName::from_segment_number(timeline, after - 1, size)
+                    .to_string(),
                 missing_segments: after - before - 1,
             })
         })
         .collect();
     TimelineSummary {
         timeline: timeline.0,
-        has_history: names.iter().any(|name| matches!(name, WalFileName::History(_))),
+        has_history: names
+            .iter()
+            .any(|name| matches!(name, WalFileName::History(_))),
         first_segment: segments.first().map(ToString::to_string),
         last_segment: segments.last().map(ToString::to_string),
         segments: segments.len() as u64,
-        partial: names.iter().filter(|name| matches!(name, WalFileName::Partial(_))).map(ToString::to_string).collect(),
-        backup_labels: names.iter().filter(|name| matches!(name, WalFileName::Backup { .. })).map(ToString::to_string).collect(),
+        partial: names
+            .iter()
+            .filter(|name| matches!(name, WalFileName::Partial(_)))
+            .map(ToString::to_string)
+            .collect(),
+        backup_labels: names
+            .iter()
+            .filter(|name| matches!(name, WalFileName::Backup { .. }))
+            .map(ToString::to_string)
+            .collect(),
         gaps,
     }
 }
 
 pub fn print_table(listing: &WalListing) {
-    println!("repository {} (system {}, {} MiB segments)", listing.repository, listing.system_identifier, listing.wal_segment_size >> 20);
-    println!("{:<9} {:<25} {:<25} {:>9} {:>5}", "TIMELINE", "FIRST SEGMENT", "LAST SEGMENT", "SEGMENTS", "GAPS");
+    println!(
+        "repository {} (system {}, {} MiB segments)",
+        listing.repository,
+        listing.system_identifier,
+        listing.wal_segment_size >> 20
+    );
+    println!(
+        "{:<9} {:<25} {:<25} {:>9} {:>5}",
+        "TIMELINE", "FIRST SEGMENT", "LAST SEGMENT", "SEGMENTS", "GAPS"
+    );
     for timeline in &listing.timelines {
         println!(
             "{:<9} {:<25} {:<25} {:>9} {:>5}",
@@ -123,10 +150,15 @@ mod tests {
     #[test]
     fn gaps_are_found_across_log_ids() {
         let size = WalSegmentSize(16 << 20);
-        let names = ["0000000100000000000000FE", "000000010000000100000001", "000000010000000100000002", "00000001.history"]
-            .iter()
-            .map(|name| name.parse().unwrap())
-            .collect();
+        let names = [
+            "0000000100000000000000FE",
+            "000000010000000100000001",
+            "000000010000000100000002",
+            "00000001.history",
+        ]
+        .iter()
+        .map(|name| name.parse().unwrap())
+        .collect();
         let summary = summarize(TimelineId(1), names, size);
         assert_eq!(summary.segments, 3);
         assert_eq!(

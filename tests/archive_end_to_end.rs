@@ -1,0 +1,205 @@
+//! End to end with a real PostgreSQL 15: archive_command = pitr archive-push, then a second,
+//! empty data directory recovers from a base backup using only restore_command = pitr
+//! archive-get, on a file:// repository and on a real S3 server.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::{Cluster, S3Server, Workspace, pg15_available};
+
+const MARKER: &str = "PITR-PLAINTEXT-MARKER-7f3a9c";
+const TABLES: [&str; 5] = [
+    "pgbench_accounts",
+    "pgbench_branches",
+    "pgbench_tellers",
+    "pgbench_history",
+    "marker",
+];
+
+#[test]
+fn archive_and_recover_on_a_file_repository() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let repository = workspace.path("repo");
+    let store = format!("repo = 'file://{}'\n", repository.display());
+    archive_and_recover(&workspace, &store, &repository);
+}
+
+#[test]
+fn archive_and_recover_on_an_s3_repository() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let Some(s3) = S3Server::start(&workspace) else {
+        return;
+    };
+    let store = format!(
+        "repo = 's3://{}/clusters/main'\n{}",
+        s3.bucket,
+        s3.store_settings()
+    );
+    archive_and_recover(&workspace, &store, &s3.data);
+}
+
+fn archive_and_recover(workspace: &Workspace, store: &str, storage_root: &Path) {
+    let keyring = workspace.keygen("keyring");
+    let config = workspace.write_config(
+        "pitr.toml",
+        &format!(
+            "key_file = '{}'\ncompression_threads = 1\nstore_timeout = 30\n{store}",
+            keyring.display()
+        ),
+    );
+    let archive_command = format!(
+        "{} --config {} archive-push %p",
+        workspace.pitr.display(),
+        config.display()
+    );
+    let mut primary = Cluster::init(
+        workspace,
+        "primary",
+        &format!(
+            "wal_level = replica\narchive_mode = on\narchive_command = '{archive_command}'\nwal_keep_size = '2GB'\nmax_wal_size = '2GB'"
+        ),
+    );
+    primary.start();
+    primary.pgbench(&["-i", "-s", "2", "-q"]);
+    primary.sql("create table marker (note text)");
+    primary.base_backup(workspace, "restored");
+
+    primary.pgbench(&["-c", "2", "-t", "300"]);
+    primary.sql(&format!("insert into marker values ('{MARKER}')"));
+    for round in 0..20 {
+        primary.sql(&format!(
+            "insert into marker select 'round {round} row ' || g from generate_series(1, 500) g"
+        ));
+        primary.sql("select pg_switch_wal()");
+    }
+    primary.wait_for(
+        "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
+        "0",
+        Duration::from_secs(180),
+    );
+    let archiver = primary.sql("select archived_count, failed_count from pg_stat_archiver");
+    let (archived, failed) = archiver.split_once('|').unwrap();
+    assert_eq!(
+        failed,
+        "0",
+        "pg_stat_archiver: {archiver}\n{}",
+        primary.log()
+    );
+    assert!(
+        archived.parse::<u32>().unwrap() >= 20,
+        "only {archived} segments archived"
+    );
+    let counts: Vec<String> = TABLES
+        .iter()
+        .map(|table| primary.sql(&format!("select count(*) from {table}")))
+        .collect();
+
+    let segments = round_trip_every_archived_segment(workspace, &config, &primary.data);
+    assert!(segments >= 20, "only {segments} segments round-tripped");
+    assert_marker_only_in_plaintext(&primary.data.join("pg_wal"), storage_root);
+    primary.stop();
+
+    let restored_data = workspace.path("restored");
+    std::fs::write(restored_data.join("recovery.signal"), "").unwrap();
+    let mut restored = Cluster::existing(workspace, "restored");
+    restored.append_settings(&format!(
+        "archive_mode = off\nrestore_command = '{} --config {} archive-get %f %p'",
+        workspace.pitr.display(),
+        config.display()
+    ));
+    workspace.give_to_postgres(&restored_data);
+    restored.start();
+    restored.wait_for("select pg_is_in_recovery()", "f", Duration::from_secs(180));
+    for (table, expected) in TABLES.iter().zip(&counts) {
+        assert_eq!(
+            &restored.sql(&format!("select count(*) from {table}")),
+            expected,
+            "rows of {table}"
+        );
+    }
+    assert_eq!(
+        restored.sql(&format!(
+            "select count(*) from marker where note = '{MARKER}'"
+        )),
+        "1"
+    );
+    let log = restored.log();
+    assert!(
+        log.matches("restored log file").count() >= 20,
+        "recovery did not replay from the archive:\n{log}"
+    );
+}
+
+/// Fetches every segment Postgres marked archived and compares it with the original in pg_wal.
+fn round_trip_every_archived_segment(workspace: &Workspace, config: &Path, data: &Path) -> usize {
+    let fetched = workspace.path("fetched");
+    std::fs::create_dir(&fetched).unwrap();
+    workspace.give_to_postgres(&fetched);
+    let mut count = 0;
+    for entry in std::fs::read_dir(data.join("pg_wal/archive_status"))
+        .unwrap()
+        .flatten()
+    {
+        let status = entry.file_name().into_string().unwrap();
+        let Some(name) = status.strip_suffix(".done") else {
+            continue;
+        };
+        if name.len() != 24 {
+            continue;
+        }
+        let destination = fetched.join(name);
+        let output = workspace.pitr(
+            config,
+            &["archive-get", name, destination.to_str().unwrap()],
+        );
+        assert!(
+            output.status.success(),
+            "archive-get {name}: {}",
+            support::stderr_of(&output)
+        );
+        let original = std::fs::read(data.join("pg_wal").join(name)).unwrap();
+        assert!(
+            std::fs::read(&destination).unwrap() == original,
+            "{name} differs from its original"
+        );
+        count += 1;
+    }
+    count
+}
+
+/// The marker is in the WAL Postgres wrote, and in no object the repository stores.
+fn assert_marker_only_in_plaintext(pg_wal: &Path, storage_root: &Path) {
+    let contains = |bytes: &[u8]| {
+        bytes
+            .windows(MARKER.len())
+            .any(|window| window == MARKER.as_bytes())
+    };
+    let in_wal = support::snapshot(pg_wal)
+        .iter()
+        .any(|(_, bytes)| contains(bytes));
+    assert!(
+        in_wal,
+        "the marker never reached the WAL, so the check below would prove nothing"
+    );
+    let objects = support::snapshot(storage_root);
+    assert!(
+        objects.len() >= 20,
+        "expected the repository objects under {}",
+        storage_root.display()
+    );
+    for (path, bytes) in objects {
+        assert!(
+            !contains(&bytes),
+            "plaintext marker found in {}",
+            path.display()
+        );
+    }
+}

@@ -1,0 +1,443 @@
+//! Real servers for the integration tests: PostgreSQL clusters run as a non-root user, an
+//! s3s-fs S3 server on a free loopback port, and the built `pitr` binary.
+//!
+//! A missing server is a skip on a developer machine and a failure when `CI` is set, so a CI run
+//! can never pass by testing nothing.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const PG15_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Returns false (skip) when `what` is unavailable, or panics when running under CI.
+pub fn require(available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is required under CI but missing; run scripts/test.sh, which installs it");
+    }
+    eprintln!("SKIPPED: {what} is not installed (scripts/test.sh installs it)");
+    false
+}
+
+pub fn pg15_available() -> bool {
+    require(
+        Path::new(PG15_BIN).join("postgres").exists(),
+        "PostgreSQL 15 (apt install postgresql-15)",
+    )
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc_getuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "getuid"]
+    fn libc_getuid() -> u32;
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A scratch directory owned by the user Postgres runs as, with its own copy of the pitr binary
+/// (the checkout itself may not be readable by that user).
+pub struct Workspace {
+    pub root: tempfile::TempDir,
+    pub pitr: PathBuf,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("pitr-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let bin = root.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let pitr = bin.join("pitr");
+        std::fs::copy(env!("CARGO_BIN_EXE_pitr"), &pitr).unwrap();
+        let workspace = Workspace { root, pitr };
+        workspace.give_to_postgres(workspace.root.path());
+        workspace
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.root.path().join(relative)
+    }
+
+    pub fn give_to_postgres(&self, path: &Path) {
+        if is_root() {
+            run_checked(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(path),
+            );
+        }
+    }
+
+    /// Writes a pitr config file readable by Postgres, and returns its path.
+    pub fn write_config(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, body).unwrap();
+        self.give_to_postgres(&path);
+        path
+    }
+
+    /// Runs the pitr binary with `args` as the Postgres user, returning its output.
+    pub fn pitr(&self, config: &Path, args: &[&str]) -> Output {
+        let mut command = as_postgres(&self.pitr);
+        command.arg("--config").arg(config).args(args);
+        command.env_remove("PITR_REPO").env_remove("PITR_KEY_FILE");
+        command.output().unwrap()
+    }
+
+    pub fn keygen(&self, name: &str) -> PathBuf {
+        let path = self.path(name);
+        let output = as_postgres(&self.pitr)
+            .args(["keygen", "--output"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "keygen: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        path
+    }
+}
+
+/// `as_postgres`, killed after `seconds` so a stuck server command fails the test instead of
+/// hanging it.
+pub fn as_postgres_bounded(program: &Path, seconds: u32) -> Command {
+    let mut command = Command::new("timeout");
+    command.arg(seconds.to_string());
+    if is_root() {
+        command.args(["runuser", "-u", "postgres", "--"]);
+    }
+    command.arg(program);
+    command
+}
+
+/// A command that runs as the `postgres` user when the tests run as root.
+pub fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+pub fn run_checked(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("{command:?}: {error}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).trim().to_string()
+}
+
+/// One PostgreSQL cluster in the workspace.
+pub struct Cluster {
+    pub bin: PathBuf,
+    pub data: PathBuf,
+    pub port: u16,
+    pub socket_directory: PathBuf,
+    running: bool,
+}
+
+impl Cluster {
+    /// initdb a new cluster with `settings` appended to postgresql.conf.
+    pub fn init(workspace: &Workspace, name: &str, settings: &str) -> Self {
+        let data = workspace.path(name);
+        run_checked(
+            as_postgres(&Path::new(PG15_BIN).join("initdb"))
+                .args(["-D"])
+                .arg(&data)
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ]),
+        );
+        let cluster = Cluster::existing(workspace, name);
+        cluster.append_settings(settings);
+        cluster
+    }
+
+    /// A data directory that exists already (a restored backup, say), not yet running.
+    pub fn existing(workspace: &Workspace, name: &str) -> Self {
+        let socket_directory = workspace.root.path().to_path_buf();
+        let cluster = Cluster {
+            bin: PathBuf::from(PG15_BIN),
+            data: workspace.path(name),
+            port: free_port(),
+            socket_directory,
+            running: false,
+        };
+        cluster.append_settings(&format!(
+            "port = {}\nlisten_addresses = ''\nunix_socket_directories = '{}'\nfsync = off\n",
+            cluster.port,
+            cluster.socket_directory.display()
+        ));
+        cluster
+    }
+
+    pub fn append_settings(&self, settings: &str) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data.join("postgresql.conf"))
+            .unwrap();
+        writeln!(file, "{settings}").unwrap();
+    }
+
+    pub fn start(&mut self) {
+        run_checked(
+            as_postgres(&self.bin.join("pg_ctl"))
+                .args(["-D"])
+                .arg(&self.data)
+                .args(["-l"])
+                .arg(self.data.with_extension("log"))
+                .args(["-w", "-t", "120", "start"]),
+        );
+        self.running = true;
+    }
+
+    pub fn stop(&mut self) {
+        if self.running {
+            let _ = as_postgres(&self.bin.join("pg_ctl"))
+                .args(["-D"])
+                .arg(&self.data)
+                .args(["-m", "fast", "-w", "stop"])
+                .output();
+            self.running = false;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+
+    /// Runs SQL and returns the unaligned, tuples-only output.
+    pub fn sql(&self, sql: &str) -> String {
+        let output = self.try_sql(sql);
+        assert!(
+            output.status.success(),
+            "psql failed on {sql}: {}",
+            stderr_of(&output)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    pub fn try_sql(&self, sql: &str) -> Output {
+        as_postgres_bounded(&self.bin.join("psql"), 300)
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.socket_directory)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
+            .output()
+            .unwrap()
+    }
+
+    pub fn pgbench(&self, args: &[&str]) {
+        run_checked(
+            as_postgres_bounded(&self.bin.join("pgbench"), 600)
+                .args(["-h"])
+                .arg(&self.socket_directory)
+                .args(["-p", &self.port.to_string(), "-U", "postgres"])
+                .args(args)
+                .arg("postgres")
+                .stdout(Stdio::null()),
+        );
+    }
+
+    /// Takes a base backup without WAL, so that recovery must fetch every segment it needs.
+    pub fn base_backup(&self, workspace: &Workspace, name: &str) -> PathBuf {
+        let target = workspace.path(name);
+        run_checked(
+            as_postgres_bounded(&self.bin.join("pg_basebackup"), 300)
+                .args(["-h"])
+                .arg(&self.socket_directory)
+                .args([
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-X",
+                    "none",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                    "-D",
+                ])
+                .arg(&target),
+        );
+        target
+    }
+
+    /// Waits until `sql` returns `expected`, failing with the server log after `limit`.
+    pub fn wait_for(&self, sql: &str, expected: &str, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let output = self.try_sql(sql);
+            if output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == expected
+            {
+                return;
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "waited {limit:?} for `{sql}` to return {expected}; last: {} {}\nserver log:\n{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    stderr_of(&output),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = as_postgres(&self.bin.join("pg_ctl"))
+                .args(["-D"])
+                .arg(&self.data)
+                .args(["-m", "immediate", "-w", "stop"])
+                .output();
+        }
+    }
+}
+
+/// An s3s-fs server on a free loopback port, with one bucket.
+pub struct S3Server {
+    child: Child,
+    pub port: u16,
+    pub data: PathBuf,
+    pub bucket: String,
+}
+
+pub const S3_ACCESS_KEY: &str = "pitr-test-access";
+pub const S3_SECRET_KEY: &str = "pitr-test-secret-0123456789";
+
+pub fn s3s_fs_binary() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("s3s-fs"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(home).join(".cargo/bin/s3s-fs"));
+    }
+    candidates.into_iter().find(|path| path.exists())
+}
+
+impl S3Server {
+    pub fn start(workspace: &Workspace) -> Option<Self> {
+        let binary = s3s_fs_binary();
+        if !require(
+            binary.is_some(),
+            "s3s-fs 0.14.1 (cargo install s3s-fs --version 0.14.1 --locked --features binary)",
+        ) {
+            return None;
+        }
+        let data = workspace.path("s3-data");
+        let bucket = "pitr-test".to_string();
+        std::fs::create_dir_all(data.join(&bucket)).unwrap();
+        let port = free_port();
+        let child = Command::new(binary.unwrap())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "s3s-fs did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(S3Server {
+            child,
+            port,
+            data,
+            bucket,
+        })
+    }
+
+    /// The `[store]` table of a pitr config that points at this server.
+    pub fn store_settings(&self) -> String {
+        format!(
+            "[store]\naws_endpoint = 'http://127.0.0.1:{}'\naws_allow_http = 'true'\naws_access_key_id = '{S3_ACCESS_KEY}'\naws_secret_access_key = '{S3_SECRET_KEY}'\naws_region = 'us-east-1'\n",
+            self.port
+        )
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every regular file under `root` with its bytes: a snapshot of a repository's storage.
+pub fn snapshot(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(directory) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&directory) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}

@@ -211,12 +211,12 @@ lat() {   # label cmd...
 }
 log "duplicate-push latency: $DUP_CALLS calls each on $MID_SEG"
 # exit status checked first: a duplicate push must succeed (0) for both tools
-as_pg sh -c "cd '$STAGE_PG' && $(printf '%q ' "${PGBR[@]}") archive-push pg_wal/$MID_SEG" \
+as_pg sh -c "cd '$STAGE_PG' && $(printf '%q ' "${PGBR[@]}") archive-push pg_wal/$MID_SEG" 2>>"$OUTDIR/bench.log" \
   || die "pgBackRest duplicate archive-push of $MID_SEG failed"
 lat dup-push-pgbackrest "${PGBR[@]}" archive-push "pg_wal/$MID_SEG"
 for t in $PITR_THREADS; do
   # shellcheck disable=SC2046
-  as_pg sh -c "cd '$STAGE_PG' && $(pitr_cmd "$t") archive-push pg_wal/$MID_SEG" \
+  as_pg sh -c "cd '$STAGE_PG' && $(pitr_cmd "$t") archive-push pg_wal/$MID_SEG" 2>>"$OUTDIR/bench.log" \
     || die "pitr (threads=$t) duplicate archive-push of $MID_SEG failed"
   # shellcheck disable=SC2046
   lat "dup-push-pitr-T$t" $(pitr_cmd "$t") archive-push "pg_wal/$MID_SEG"

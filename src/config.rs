@@ -53,6 +53,52 @@ pub struct GlobalOptions {
     /// Log format: text or json [default: text].
     #[arg(long, env = "PITR_LOG_FORMAT", global = true, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Unix socket where the daemon answers the hooks [default: <pgdata>/pitr.sock].
+    #[arg(long, env = "PITR_SOCKET", global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Parallel uploads in the daemon [default: the CPU limit, cgroup quota included].
+    #[arg(
+        long,
+        env = "PITR_ARCHIVE_CONCURRENCY",
+        global = true,
+        value_name = "N"
+    )]
+    pub archive_concurrency: Option<String>,
+    /// Segments fetched ahead of recovery [default: 8]; 0 turns prefetch off.
+    #[arg(long, env = "PITR_PREFETCH", global = true, value_name = "SEGMENTS")]
+    pub prefetch: Option<String>,
+    /// Cap on the bytes held in the prefetch spool, in MiB [default: 1024].
+    #[arg(long, env = "PITR_PREFETCH_MAX_MB", global = true, value_name = "MIB")]
+    pub prefetch_max_mb: Option<String>,
+    /// Address of the daemon's HTTP API [default: 127.0.0.1:9851].
+    #[arg(long, env = "PITR_HTTP_ADDR", global = true, value_name = "ADDR")]
+    pub http_addr: Option<String>,
+    /// Bearer token required by the HTTP endpoints that change state; unset disables them.
+    #[arg(
+        long,
+        env = "PITR_HTTP_TOKEN",
+        global = true,
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub http_token: Option<String>,
+    /// /readyz fails when the oldest unarchived segment is older than this many seconds [default: 300].
+    #[arg(
+        long,
+        env = "PITR_MAX_ARCHIVE_LAG",
+        global = true,
+        value_name = "SECONDS"
+    )]
+    pub max_archive_lag: Option<String>,
+    /// Postgres connection URL for the daemon's checks [default: the libpq PG* variables].
+    #[arg(
+        long,
+        env = "PITR_PG_URL",
+        global = true,
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub pg_url: Option<String>,
 }
 
 /// The TOML file's keys; the same names as the flags, with underscores.
@@ -66,6 +112,14 @@ struct FileSettings {
     pgdata: Option<PathBuf>,
     store_timeout: Option<i64>,
     log_format: Option<String>,
+    socket: Option<PathBuf>,
+    archive_concurrency: Option<i64>,
+    prefetch: Option<i64>,
+    prefetch_max_mb: Option<i64>,
+    http_addr: Option<String>,
+    http_token: Option<String>,
+    max_archive_lag: Option<i64>,
+    pg_url: Option<String>,
     /// Extra object_store options, e.g. `aws_endpoint = "http://127.0.0.1:9000"`.
     #[serde(default)]
     store: BTreeMap<String, String>,
@@ -88,6 +142,14 @@ pub struct Settings {
     pub store_timeout: Duration,
     pub store_options: BTreeMap<String, String>,
     pub log_format: LogFormat,
+    pub socket: PathBuf,
+    pub archive_concurrency: usize,
+    pub prefetch_segments: usize,
+    pub prefetch_max_bytes: u64,
+    pub http_addr: std::net::SocketAddr,
+    pub http_token: Option<String>,
+    pub max_archive_lag: Duration,
+    pub pg_url: Option<String>,
 }
 
 impl Settings {
@@ -131,16 +193,77 @@ impl Settings {
                 )));
             }
         };
+        // available_parallelism already honours a cgroup CPU quota, which is what a sidecar with
+        // a CPU limit needs.
+        let archive_concurrency = pick_number(
+            "archive concurrency (PITR_ARCHIVE_CONCURRENCY)",
+            options.archive_concurrency.as_deref(),
+            file.archive_concurrency,
+            default_threads,
+            1..=256,
+            "choose 1 to 256 parallel uploads",
+        )?;
+        let prefetch = pick_number(
+            "prefetch (PITR_PREFETCH)",
+            options.prefetch.as_deref(),
+            file.prefetch,
+            8,
+            0..=1024,
+            "choose 0 (off) to 1024 segments",
+        )?;
+        let prefetch_max_mb = pick_number(
+            "prefetch cap (PITR_PREFETCH_MAX_MB)",
+            options.prefetch_max_mb.as_deref(),
+            file.prefetch_max_mb,
+            1024,
+            16..=1_048_576,
+            "give MiB from 16 upwards",
+        )?;
+        let max_archive_lag = pick_number(
+            "maximum archive lag (PITR_MAX_ARCHIVE_LAG)",
+            options.max_archive_lag.as_deref(),
+            file.max_archive_lag,
+            300,
+            1..=604_800,
+            "give whole seconds",
+        )?;
+        let http_text = options
+            .http_addr
+            .clone()
+            .or(file.http_addr)
+            .unwrap_or_else(|| "127.0.0.1:9851".to_string());
+        let http_addr = http_text.parse().map_err(|_| {
+            ConfigError::BadValue(format!(
+                "HTTP address (PITR_HTTP_ADDR) '{http_text}' is not valid: give an IP and port such as 127.0.0.1:9851"
+            ))
+        })?;
+        let pgdata = options
+            .pgdata
+            .clone()
+            .or(file.pgdata)
+            .unwrap_or_else(|| PathBuf::from("."));
         Ok(Settings {
+            socket: options
+                .socket
+                .clone()
+                .or(file.socket)
+                .unwrap_or_else(|| pgdata.join("pitr.sock")),
+            archive_concurrency: archive_concurrency as usize,
+            prefetch_segments: prefetch as usize,
+            prefetch_max_bytes: (prefetch_max_mb as u64) << 20,
+            http_addr,
+            http_token: options
+                .http_token
+                .clone()
+                .or(file.http_token)
+                .filter(|token| !token.is_empty()),
+            max_archive_lag: Duration::from_secs(max_archive_lag as u64),
+            pg_url: options.pg_url.clone().or(file.pg_url),
             repo: options.repo.clone().or(file.repo),
             key_file: options.key_file.clone().or(file.key_file),
             compression_level: compression_level as i32,
             compression_threads: compression_threads as u32,
-            pgdata: options
-                .pgdata
-                .clone()
-                .or(file.pgdata)
-                .unwrap_or_else(|| PathBuf::from(".")),
+            pgdata,
             store_timeout: Duration::from_secs(store_timeout as u64),
             store_options: file.store,
             log_format,

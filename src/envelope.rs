@@ -135,12 +135,6 @@ impl Header {
         if filled < FIXED_HEADER_LEN {
             return Err(EnvelopeError::Truncated(object.to_string()));
         }
-        if bytes[4] != FORMAT_VERSION {
-            return Err(EnvelopeError::UnsupportedVersion {
-                object: object.to_string(),
-                version: bytes[4],
-            });
-        }
         let name_length = usize::from(u16::from_le_bytes([bytes[128], bytes[129]]));
         bytes.resize(FIXED_HEADER_LEN + name_length + 4, 0);
         if read_full(source, &mut bytes[FIXED_HEADER_LEN..]).map_err(EnvelopeError::Source)?
@@ -149,6 +143,14 @@ impl Header {
             return Err(EnvelopeError::Truncated(object.to_string()));
         }
         let (body, crc) = bytes.split_at(FIXED_HEADER_LEN + name_length);
+        // A version this reader does not know may lay the header out differently, so a CRC
+        // mismatch means "unknown version" only when the version byte is not ours.
+        if bytes[4] != FORMAT_VERSION {
+            return Err(EnvelopeError::UnsupportedVersion {
+                object: object.to_string(),
+                version: bytes[4],
+            });
+        }
         if crc32fast::hash(body).to_le_bytes() != crc {
             return Err(EnvelopeError::CorruptHeader(object.to_string()));
         }

@@ -171,7 +171,7 @@ impl Keyring {
     /// overwriting a keyring would make every object it protects unreadable.
     pub fn generate(path: &Path) -> Result<Self, KeyringError> {
         let key = KeyringKey {
-            id: KeyId(getrandom::u64().expect("the operating system's random source failed")),
+            id: random_key_id(),
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             secret: SecretKey::random(),
         };
@@ -234,6 +234,16 @@ impl Keyring {
 
     pub fn keys(&self) -> &[KeyringKey] {
         &self.keys
+    }
+}
+
+/// A random key id; 0 is reserved in object headers for "not encrypted".
+fn random_key_id() -> KeyId {
+    loop {
+        let id = getrandom::u64().expect("the operating system's random source failed");
+        if id != 0 {
+            return KeyId(id);
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod durable;
 pub mod envelope;
 pub mod keyring;

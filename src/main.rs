@@ -63,6 +63,11 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
+    /// Run the sidecar: archive ahead in parallel, prefetch during recovery, serve the HTTP API.
+    #[command(
+        after_help = "Examples:\n  pitr daemon --pgdata /var/lib/postgresql/data\n  PITR_ARCHIVE_CONCURRENCY=4 PITR_HTTP_ADDR=127.0.0.1:9851 pitr daemon --pgdata $PGDATA\n  curl -s localhost:9851/status | jq .archive\n\nThe hooks find the daemon through PITR_SOCKET (default <pgdata>/pitr.sock) and fall back to doing the work themselves when it is not running."
+    )]
+    Daemon,
     /// Inspect the WAL archive.
     Wal {
         #[command(subcommand)]
@@ -127,6 +132,9 @@ async fn run(command: &Command, settings: &Settings) -> anyhow::Result<ExitCode>
                 Ok(ExitCode::from(1))
             }
         },
+        Command::Daemon => pitr::daemon::run(settings.clone())
+            .await
+            .map(|_| ExitCode::SUCCESS),
         Command::Keygen { output } => keygen::run(output).map(|_| ExitCode::SUCCESS),
         Command::Wal {
             command: WalCommand::List { output },
@@ -147,6 +155,7 @@ fn fail(command: &Command, error: &anyhow::Error) -> ExitCode {
         Command::ArchivePush { .. } => "archive-push",
         Command::ArchiveGet { .. } => "archive-get",
         Command::Keygen { .. } => "keygen",
+        Command::Daemon => "daemon",
         Command::Wal { .. } => "wal list",
     };
     eprintln!(

@@ -93,6 +93,8 @@ pub struct Repository {
     pub url: String,
     timeout: Duration,
     keyring: Option<Keyring>,
+    /// The identity once checked: it never changes, so long-lived processes read it once.
+    identity: std::sync::OnceLock<Identity>,
 }
 
 impl Repository {
@@ -153,7 +155,13 @@ impl Repository {
             url: url_text.to_string(),
             timeout: settings.store_timeout,
             keyring,
+            identity: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Checks that the store answers, bypassing the cached identity.
+    pub async fn probe(&self) -> Result<(), RepositoryError> {
+        self.get_bytes(IDENTITY_KEY).await.map(|_| ())
     }
 
     pub fn keyring(&self) -> Option<&Keyring> {
@@ -187,6 +195,9 @@ impl Repository {
 
     /// The repository's identity, or `None` if nothing was ever written here.
     pub async fn read_identity(&self) -> Result<Option<Identity>, RepositoryError> {
+        if let Some(identity) = self.identity.get() {
+            return Ok(Some(identity.clone()));
+        }
         let Some(bytes) = self.get_bytes(IDENTITY_KEY).await? else {
             return Ok(None);
         };
@@ -205,6 +216,7 @@ impl Repository {
             });
         }
         self.check_keyring(&identity)?;
+        let _ = self.identity.set(identity.clone());
         Ok(Some(identity))
     }
 

@@ -1,17 +1,19 @@
 //! `pitr archive-get <walfile> <dest>`: Postgres's restore_command.
 //!
-//! The object is streamed from the repository, verified and decoded into a temporary file next
-//! to `<dest>`, fsynced and renamed into place. A missing file is a quiet "not found", which
-//! Postgres expects while it probes for timelines and the end of the archive. Any failure
+//! When the daemon runs, it answers: from its prefetch spool if the segment was fetched ahead
+//! (a rename), otherwise by fetching it. Without a daemon the hook fetches the object itself. In
+//! both cases the object is streamed from the repository, verified and decoded into a temporary
+//! file next to `<dest>`, fsynced and renamed into place. A missing file is a quiet "not found",
+//! which Postgres expects while it probes for timelines and the end of the archive. Any failure
 //! removes the temporary file, so `<dest>` only ever appears complete and verified.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 use crate::config::Settings;
 use crate::durable::PendingFile;
-use crate::repository::{Repository, check_same_cluster};
+use crate::repository::{Repository, RepositoryError, check_same_cluster};
 use crate::wal::{self, WalFileName};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +24,21 @@ pub enum GetOutcome {
 
 pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Result<GetOutcome> {
     let name: WalFileName = wal_file.parse()?;
+    let destination = absolute_destination(settings, destination);
+    if let Some(outcome) = crate::daemon::client::get(settings, &name, &destination).await? {
+        return Ok(outcome);
+    }
     let repository = Repository::open(settings)?;
+    check_cluster(settings, &repository, wal_file).await?;
+    fetch(&repository, &name, &destination).await
+}
+
+/// Refuses to restore into a data directory of another cluster.
+pub async fn check_cluster(
+    settings: &Settings,
+    repository: &Repository,
+    wal_file: &str,
+) -> Result<()> {
     let identity = repository.require_identity().await?;
     if let Some(local) = wal::control_file_system_identifier(&settings.pgdata) {
         check_same_cluster(&repository.url, &identity, local).with_context(|| {
@@ -32,28 +48,39 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
             )
         })?;
     }
-    let destination = if destination.is_absolute() {
+    Ok(())
+}
+
+/// `%p` is relative to the data directory, where Postgres runs the command.
+pub fn absolute_destination(settings: &Settings, destination: &Path) -> PathBuf {
+    let joined = if destination.is_absolute() {
         destination.to_path_buf()
     } else {
         settings.pgdata.join(destination)
     };
-    let pending = PendingFile::create(&destination).with_context(|| {
+    std::path::absolute(&joined).unwrap_or(joined)
+}
+
+/// Fetches, verifies and decodes one WAL file into `destination`, atomically.
+pub async fn fetch(
+    repository: &Repository,
+    name: &WalFileName,
+    destination: &Path,
+) -> Result<GetOutcome> {
+    let pending = PendingFile::create(destination).with_context(|| {
         format!(
             "cannot create a temporary file beside {}",
             destination.display()
         )
     })?;
-    let key = Repository::wal_key(&name);
-    let restored = repository
-        .read_object(&key, pending)
-        .await
-        .map_err(|error| match error {
-            crate::repository::RepositoryError::Sink(io) => anyhow::anyhow!(
-                "writing {wal_file} to {} failed: {io}; free space or fix the volume holding it, nothing was written",
-                destination.display()
-            ),
-            other => anyhow::Error::new(other),
-        })?;
+    let key = Repository::wal_key(name);
+    let restored = repository.read_object(&key, pending).await.map_err(|error| match error {
+        RepositoryError::Sink(io) => anyhow::anyhow!(
+            "writing {name} to {} failed: {io}; free space or fix the volume holding it, nothing was written",
+            destination.display()
+        ),
+        other => anyhow::Error::new(other),
+    })?;
     let Some((_, pending)) = restored else {
         return Ok(GetOutcome::NotFound);
     };

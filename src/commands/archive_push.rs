@@ -22,7 +22,36 @@ pub enum PushOutcome {
     AlreadyArchived,
 }
 
+/// A file that passed every local check and may be uploaded.
+#[derive(Debug, Clone)]
+pub struct WalFile {
+    pub name: WalFileName,
+    pub path: PathBuf,
+    /// The long page header, for segments; for other files, that of a segment beside them.
+    pub header: Option<SegmentHeader>,
+}
+
+/// The hook: validate, then let the daemon answer if one runs, else push directly.
 pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
+    let file = validate(settings, path)?;
+    if let Some(outcome) = crate::daemon::client::push(settings, &file.path).await? {
+        return Ok(outcome);
+    }
+    let repository = Repository::open(settings)?;
+    push(&repository, &file, &encode_options(settings), false).await
+}
+
+pub fn encode_options(settings: &Settings) -> EncodeOptions {
+    EncodeOptions {
+        compression_level: settings.compression_level,
+        compression_workers: settings.compression_threads,
+        ..EncodeOptions::default()
+    }
+}
+
+/// The local checks, before any network: a WAL file name, a header that matches it, and the
+/// cluster of this data directory.
+pub fn validate(settings: &Settings, path: &Path) -> Result<WalFile> {
     let file_name = path
         .file_name()
         .and_then(|name| name.to_str())
@@ -48,8 +77,19 @@ pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
             settings.pgdata.display()
         );
     }
-    let repository = Repository::open(settings)?;
-    let identity = match header {
+    Ok(WalFile { name, path, header })
+}
+
+/// Makes a validated file durable in the repository. `known_to_exist` skips the upload and goes
+/// straight to comparing with the stored copy (the daemon listed it after a restart).
+pub async fn push(
+    repository: &Repository,
+    file: &WalFile,
+    options: &EncodeOptions,
+    known_to_exist: bool,
+) -> Result<PushOutcome> {
+    let file_name = file.name.to_string();
+    let identity = match file.header {
         Some(header) => {
             let expected = Identity::new(
                 header.system_identifier,
@@ -61,24 +101,24 @@ pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
         }
         None => repository.require_identity().await?,
     };
-    if let Some(header) = header {
+    if let Some(header) = file.header {
         check_same_cluster(&repository.url, &identity, header.system_identifier)
             .with_context(|| format!("refusing to archive {file_name}"))?;
     }
-    let content = ContentSummary::of_file(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let key = Repository::wal_key(&name);
-    let options = EncodeOptions {
-        compression_level: settings.compression_level,
-        compression_workers: settings.compression_threads,
-        ..EncodeOptions::default()
-    };
-    match repository.put_file(&key, &path, content, &options).await? {
-        PutOutcome::Created => Ok(PushOutcome::Stored),
-        PutOutcome::AlreadyExists => {
-            compare_with_stored(&repository, &key, file_name, content).await
-        }
+    let path = file.path.clone();
+    let content = tokio::task::spawn_blocking(move || ContentSummary::of_file(&path))
+        .await?
+        .with_context(|| format!("cannot read {}", file.path.display()))?;
+    let key = Repository::wal_key(&file.name);
+    if !known_to_exist
+        && repository
+            .put_file(&key, &file.path, content, options)
+            .await?
+            == PutOutcome::Created
+    {
+        return Ok(PushOutcome::Stored);
     }
+    compare_with_stored(repository, &key, &file_name, content).await
 }
 
 /// A name already taken: succeed only if the stored object decodes, verifies and holds exactly

@@ -1,0 +1,32 @@
+# The pitr image: the pitr binary on a small Debian base, plus the CA bundle that HTTPS object
+# stores need. It is used two ways:
+#   - as a tool:     docker run --rm pitr:local wal list --repo file:///...
+#   - as a carrier:  an init container copies /usr/local/bin/pitr into a volume shared with the
+#                    postgres container, whose archive_command and restore_command run it
+#                    (see docker-compose.yml and deploy/).
+#
+# Build:  docker build -t pitr:local .
+#
+# The binary links dynamically against bookworm's glibc, so it runs in glibc-based images at
+# least as new as bookworm, such as postgres:15 (bookworm or trixie), but not on Alpine.
+#
+# Not built on the machine where it was written (no Docker there): a plausible starting point,
+# to be checked on the first real build.
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked --bin pitr \
+    && install -D -m 0755 target/release/pitr /out/pitr
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/pitr /usr/local/bin/pitr
+# The official postgres image runs PostgreSQL as uid/gid 999. Running pitr as the same ids keeps
+# the files it creates (keyrings, file:// repositories) usable by the archive hooks.
+USER 999:999
+ENTRYPOINT ["pitr"]
+CMD ["--help"]

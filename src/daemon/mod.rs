@@ -1,0 +1,178 @@
+//! `pitr daemon`: the sidecar next to Postgres.
+//!
+//! It archives ahead (`archiver`), fetches ahead during recovery (`prefetch`), answers the hooks
+//! over a Unix socket (`server`, `client`) and serves health, readiness, metrics and status over
+//! HTTP (`http`, `metrics`). Every upload and download goes through the same repository and
+//! envelope code as the hooks; the daemon only changes when the work happens.
+
+pub mod archiver;
+pub mod client;
+pub mod http;
+pub mod metrics;
+pub mod prefetch;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::config::Settings;
+use crate::repository::Repository;
+use archiver::Archiver;
+use metrics::Metrics;
+use prefetch::Prefetcher;
+
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+pub struct Daemon {
+    pub settings: Settings,
+    pub repository: Arc<Repository>,
+    pub metrics: Arc<Metrics>,
+    pub archiver: Arc<Archiver>,
+    pub prefetcher: Arc<Prefetcher>,
+}
+
+impl Daemon {
+    /// Each readiness check by name: "ok" or what is wrong.
+    pub async fn readiness(&self) -> BTreeMap<&'static str, String> {
+        let mut checks = BTreeMap::new();
+        let repository =
+            tokio::time::timeout(http::READINESS_TIMEOUT, self.repository.probe()).await;
+        checks.insert(
+            "repository",
+            match repository {
+                Ok(Ok(())) => "ok".to_string(),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => "the repository did not answer within 5 s".to_string(),
+            },
+        );
+        checks.insert(
+            "postgres",
+            match self.postgres_in_recovery().await {
+                Ok(_) => "ok".to_string(),
+                Err(error) => format!("{error:#}"),
+            },
+        );
+        let status = self.archiver.status();
+        let lag = Duration::from_secs_f64(status.archive_lag_seconds);
+        checks.insert(
+            "archiving",
+            if lag > self.settings.max_archive_lag {
+                format!(
+                    "the oldest unarchived WAL file ({}) has waited {} s, more than {} s",
+                    status.oldest_ready.unwrap_or_default(),
+                    lag.as_secs(),
+                    self.settings.max_archive_lag.as_secs()
+                )
+            } else {
+                "ok".to_string()
+            },
+        );
+        checks
+    }
+
+    /// Connects to Postgres with the libpq variables (or `PITR_PG_URL`).
+    pub async fn postgres_in_recovery(&self) -> Result<bool> {
+        let config = postgres_config(&self.settings)?;
+        let connect = config.connect(tokio_postgres::NoTls);
+        let (client, connection) = tokio::time::timeout(http::READINESS_TIMEOUT, connect)
+            .await
+            .context("Postgres did not answer within 5 s")?
+            .context("cannot connect to Postgres (check PGHOST, PGPORT, PGUSER or PITR_PG_URL)")?;
+        tokio::spawn(connection);
+        let row = client.query_one("select pg_is_in_recovery()", &[]).await?;
+        Ok(row.get(0))
+    }
+}
+
+/// A tokio-postgres config from `PITR_PG_URL`, or else from the standard libpq variables.
+pub fn postgres_config(settings: &Settings) -> Result<tokio_postgres::Config> {
+    if let Some(url) = &settings.pg_url {
+        return url
+            .parse()
+            .context("PITR_PG_URL is not a valid Postgres connection string");
+    }
+    let variable = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let mut config = tokio_postgres::Config::new();
+    config.host(
+        variable("PGHOST")
+            .as_deref()
+            .unwrap_or("/var/run/postgresql"),
+    );
+    config.port(
+        variable("PGPORT")
+            .and_then(|port| port.parse().ok())
+            .unwrap_or(5432),
+    );
+    config.user(variable("PGUSER").as_deref().unwrap_or("postgres"));
+    config.dbname(variable("PGDATABASE").as_deref().unwrap_or("postgres"));
+    if let Some(password) = variable("PGPASSWORD") {
+        config.password(password);
+    }
+    config.application_name("pitr daemon");
+    Ok(config)
+}
+
+pub async fn run(settings: Settings) -> Result<()> {
+    let repository = Arc::new(Repository::open(&settings)?);
+    let metrics = Arc::new(Metrics::new());
+    let archiver = Archiver::new(&settings, Arc::clone(&repository), Arc::clone(&metrics));
+    match archiver.load_repository_listing().await {
+        Ok(count) => {
+            tracing::info!(objects = count, repository = %repository.url, "repository listed")
+        }
+        Err(error) => tracing::warn!(
+            "cannot list the repository yet ({error:#}); uploads will compare with what exists"
+        ),
+    }
+    let prefetcher = Prefetcher::new(&settings, Arc::clone(&repository), Arc::clone(&metrics));
+    let daemon = Arc::new(Daemon {
+        settings: settings.clone(),
+        repository,
+        metrics,
+        archiver,
+        prefetcher,
+    });
+
+    let listener = server::bind(&settings.socket)?;
+    tokio::spawn(server::serve(listener, Arc::clone(&daemon)));
+    let http = tokio::net::TcpListener::bind(settings.http_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the HTTP API to {} (PITR_HTTP_ADDR)",
+                settings.http_addr
+            )
+        })?;
+    let router = http::router(Arc::clone(&daemon));
+    tokio::spawn(async move { axum::serve(http, router).await });
+    tokio::spawn(Arc::clone(&daemon.archiver).watch());
+    tokio::spawn(clear_spool_after_recovery(Arc::clone(&daemon)));
+    tracing::info!(socket = %settings.socket.display(), http = %settings.http_addr, pgdata = %settings.pgdata.display(), "pitr daemon running");
+
+    wait_for_shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight uploads");
+    let _ = std::fs::remove_file(&settings.socket);
+    daemon.archiver.drain(SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+async fn clear_spool_after_recovery(daemon: Arc<Daemon>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        if let Ok(false) = daemon.postgres_in_recovery().await {
+            daemon.prefetcher.clear();
+        }
+    }
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,182 @@
+//! Prefetch on restore: keep recovery fed with segments fetched ahead, in parallel.
+//!
+//! When Postgres asks for segment N, the daemon answers it and starts fetching N+1…N+k (k from
+//! `PITR_PREFETCH`, capped by `PITR_PREFETCH_MAX_MB`) into a spool directory inside `pg_wal`, so
+//! that the next requests are a rename. Spooled files went through the same verification as any
+//! fetch and are fsynced before they count. They are keyed by their full name, timeline
+//! included, so a file from another timeline can never be served. Files older than the one
+//! requested are deleted, and the whole spool is cleared when recovery is over.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::commands::archive_get::{self, GetOutcome};
+use crate::config::Settings;
+use crate::daemon::metrics::Metrics;
+use crate::durable;
+use crate::repository::Repository;
+use crate::wal::{SegmentName, WalFileName};
+
+pub const SPOOL_DIRECTORY: &str = "pitr-prefetch";
+
+type Fetch = Shared<BoxFuture<'static, Result<GetOutcome, String>>>;
+
+pub struct Prefetcher {
+    repository: Arc<Repository>,
+    metrics: Arc<Metrics>,
+    spool: PathBuf,
+    depth: usize,
+    max_bytes: u64,
+    fetching: Mutex<HashMap<String, Fetch>>,
+    slots: Arc<Semaphore>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PrefetchStatus {
+    pub depth: usize,
+    pub spooled: Vec<String>,
+    pub fetching: usize,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl Prefetcher {
+    pub fn new(
+        settings: &Settings,
+        repository: Arc<Repository>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Prefetcher {
+            repository,
+            metrics,
+            spool: settings.pgdata.join("pg_wal").join(SPOOL_DIRECTORY),
+            depth: settings.prefetch_segments,
+            max_bytes: settings.prefetch_max_bytes,
+            fetching: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(settings.archive_concurrency.max(2))),
+        })
+    }
+
+    /// Answers one restore_command request and schedules the segments after it.
+    pub async fn get(
+        self: &Arc<Self>,
+        name: WalFileName,
+        destination: &Path,
+    ) -> Result<GetOutcome> {
+        if let WalFileName::Segment(segment) = name {
+            self.schedule_after(segment).await;
+        }
+        let pending = self
+            .fetching
+            .lock()
+            .unwrap()
+            .get(&name.to_string())
+            .cloned();
+        if let Some(pending) = pending {
+            pending.await.map_err(anyhow::Error::msg)?;
+        }
+        let spooled = self.spool.join(name.to_string());
+        if spooled.exists() {
+            std::fs::rename(&spooled, destination).with_context(|| {
+                format!("moving the prefetched {name} to {}", destination.display())
+            })?;
+            durable::sync_parent_directory(destination)?;
+            self.metrics.prefetch_hits.inc();
+            return Ok(GetOutcome::Restored);
+        }
+        self.metrics.prefetch_misses.inc();
+        archive_get::fetch(&self.repository, &name, destination).await
+    }
+
+    /// Starts fetching the next segments of the same timeline, within the byte cap.
+    async fn schedule_after(self: &Arc<Self>, segment: SegmentName) {
+        if self.depth == 0 {
+            return;
+        }
+        let Ok(identity) = self.repository.require_identity().await else {
+            return;
+        };
+        let size = identity.segment_size();
+        self.forget_older_than(segment, size);
+        let depth = self
+            .depth
+            .min((self.max_bytes / u64::from(size.0)).max(1) as usize);
+        let mut next = segment;
+        for _ in 0..depth {
+            next = next.next(size);
+            let name = WalFileName::Segment(next);
+            let key = name.to_string();
+            let mut fetching = self.fetching.lock().unwrap();
+            if fetching.contains_key(&key) || self.spool.join(&key).exists() {
+                continue;
+            }
+            let prefetcher = Arc::clone(self);
+            let fetch = async move { prefetcher.fetch_into_spool(name).await }
+                .boxed()
+                .shared();
+            fetching.insert(key, fetch.clone());
+            tokio::spawn(fetch);
+        }
+    }
+
+    async fn fetch_into_spool(self: Arc<Self>, name: WalFileName) -> Result<GetOutcome, String> {
+        let result = async {
+            let _slot = self.slots.acquire().await?;
+            std::fs::create_dir_all(&self.spool)?;
+            archive_get::fetch(&self.repository, &name, &self.spool.join(name.to_string())).await
+        }
+        .await
+        .map_err(|error: anyhow::Error| format!("{error:#}"));
+        self.fetching.lock().unwrap().remove(&name.to_string());
+        result
+    }
+
+    /// Spooled segments before the one Postgres asks for will never be asked for again.
+    fn forget_older_than(&self, requested: SegmentName, size: crate::wal::WalSegmentSize) {
+        for (name, path) in self.spooled() {
+            if let Ok(WalFileName::Segment(spooled)) = name.parse::<WalFileName>()
+                && (spooled.timeline != requested.timeline
+                    || spooled.segment_number(size) < requested.segment_number(size))
+                && !self.fetching.lock().unwrap().contains_key(&name)
+            {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    fn spooled(&self) -> Vec<(String, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(&self.spool) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| Some((entry.file_name().into_string().ok()?, entry.path())))
+            .collect()
+    }
+
+    /// Removes the spool once recovery is over.
+    pub fn clear(&self) {
+        if self.fetching.lock().unwrap().is_empty() && self.spool.exists() {
+            let _ = std::fs::remove_dir_all(&self.spool);
+        }
+    }
+
+    pub fn status(&self) -> PrefetchStatus {
+        let mut spooled: Vec<String> = self.spooled().into_iter().map(|(name, _)| name).collect();
+        spooled.sort();
+        PrefetchStatus {
+            depth: self.depth,
+            spooled,
+            fetching: self.fetching.lock().unwrap().len(),
+            hits: self.metrics.prefetch_hits.get(),
+            misses: self.metrics.prefetch_misses.get(),
+        }
+    }
+}

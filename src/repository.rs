@@ -330,7 +330,10 @@ impl Repository {
             .put_opts(&location, PutPayload::from(bytes), options);
         match tokio::time::timeout(self.timeout, put).await {
             Ok(Ok(_)) => {}
+            // The earlier writer may have died before its fsync: make the object durable now,
+            // before anyone reports it archived.
             Ok(Err(object_store::Error::AlreadyExists { .. })) => {
+                self.sync_if_local(key, &location)?;
                 return Ok(PutOutcome::AlreadyExists);
             }
             Ok(Err(error)) => {
@@ -350,13 +353,18 @@ impl Repository {
                 });
             }
         }
-        if let Some(root) = &self.local_root {
-            sync_local_object(root, &location).map_err(|error| RepositoryError::Io {
-                url: self.url.clone(),
-                detail: format!("fsync of {key} failed: {error}"),
-            })?;
-        }
+        self.sync_if_local(key, &location)?;
         Ok(PutOutcome::Created)
+    }
+
+    fn sync_if_local(&self, key: &str, location: &Path) -> Result<(), RepositoryError> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        sync_local_object(root, location).map_err(|error| RepositoryError::Io {
+            url: self.url.clone(),
+            detail: format!("fsync of {key} failed: {error}"),
+        })
     }
 
     /// Reads, verifies and decodes the object at `key` into `sink`. `None` if there is no

@@ -58,13 +58,13 @@ async fn status(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {
 
 async fn rescan(State(daemon): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
     if let Err(refusal) = authorize(&daemon, &headers) {
-        return refusal;
+        return refusal.into_response();
     }
     daemon.archiver.scan();
     (StatusCode::ACCEPTED, "rescanning archive_status\n").into_response()
 }
 
-fn authorize(daemon: &Daemon, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(daemon: &Daemon, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
     let Some(expected) = &daemon.settings.http_token else {
         return Err((
             StatusCode::FORBIDDEN,

@@ -127,6 +127,13 @@ pub async fn run(settings: Settings) -> Result<()> {
             "cannot list the repository yet ({error:#}); uploads will compare with what exists"
         ),
     }
+    if let (Ok(Some(identity)), Some(local)) = (
+        repository.read_identity().await,
+        crate::wal::control_file_system_identifier(&settings.pgdata),
+    ) {
+        crate::repository::check_same_cluster(&repository.url, &identity, local)
+            .with_context(|| format!("refusing to serve {}", settings.pgdata.display()))?;
+    }
     let prefetcher = Prefetcher::new(&settings, Arc::clone(&repository), Arc::clone(&metrics));
     let daemon = Arc::new(Daemon {
         settings: settings.clone(),

@@ -43,6 +43,9 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
 }
 
 async fn answer(mut stream: UnixStream, own_uid: u32, daemon: &Daemon) -> Result<()> {
+    // Read the request before refusing, so the refusal reaches the client instead of a reset.
+    let mut request = String::new();
+    BufReader::new(&mut stream).read_line(&mut request).await?;
     let peer = stream.peer_cred()?.uid();
     if peer != own_uid {
         stream
@@ -50,8 +53,6 @@ async fn answer(mut stream: UnixStream, own_uid: u32, daemon: &Daemon) -> Result
             .await?;
         return Ok(());
     }
-    let mut request = String::new();
-    BufReader::new(&mut stream).read_line(&mut request).await?;
     let reply = match request.trim_end().split_once(' ') {
         Some(("push", path)) => push(daemon, Path::new(path)).await,
         Some(("get", arguments)) => get(daemon, arguments).await,

@@ -380,8 +380,11 @@ impl S3Server {
         let data = workspace.path("s3-data");
         let bucket = "pitr-test".to_string();
         std::fs::create_dir_all(data.join(&bucket)).unwrap();
-        let port = free_port();
-        let child = Command::new(binary.unwrap())
+        Some(Self::spawn(data, bucket, free_port()))
+    }
+
+    fn spawn(data: PathBuf, bucket: String, port: u16) -> Self {
+        let child = Command::new(s3s_fs_binary().unwrap())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
             .arg(&data)
@@ -397,12 +400,23 @@ impl S3Server {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Some(S3Server {
+        S3Server {
             child,
             port,
             data,
             bucket,
-        })
+        }
+    }
+
+    /// Stops the server, keeping its data and port for `StoppedS3Server::restart`.
+    pub fn stop(mut self) -> StoppedS3Server {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        StoppedS3Server {
+            port: self.port,
+            data: self.data.clone(),
+            bucket: self.bucket.clone(),
+        }
     }
 
     /// The `[store]` table of a pitr config that points at this server.
@@ -411,6 +425,18 @@ impl S3Server {
             "[store]\naws_endpoint = 'http://127.0.0.1:{}'\naws_allow_http = 'true'\naws_access_key_id = '{S3_ACCESS_KEY}'\naws_secret_access_key = '{S3_SECRET_KEY}'\naws_region = 'us-east-1'\n",
             self.port
         )
+    }
+}
+
+pub struct StoppedS3Server {
+    port: u16,
+    data: PathBuf,
+    bucket: String,
+}
+
+impl StoppedS3Server {
+    pub fn restart(self) -> S3Server {
+        S3Server::spawn(self.data, self.bucket, self.port)
     }
 }
 
@@ -440,4 +466,151 @@ pub fn snapshot(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     }
     files.sort();
     files
+}
+
+/// A running `pitr daemon`, killed when dropped.
+pub struct DaemonProcess {
+    child: Child,
+    pub http_port: u16,
+}
+
+impl DaemonProcess {
+    /// Starts the daemon as the Postgres user; `cluster` gives the libpq variables it checks with.
+    pub fn start(workspace: &Workspace, config: &Path, cluster: &Cluster, http_port: u16) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(workspace.path("daemon.log"))
+            .unwrap();
+        let child = as_postgres(&workspace.pitr)
+            .arg("--config")
+            .arg(config)
+            .arg("daemon")
+            .env("PGHOST", &cluster.socket_directory)
+            .env("PGPORT", cluster.port.to_string())
+            .env("PITR_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let daemon = DaemonProcess { child, http_port };
+        let start = Instant::now();
+        while http(http_port, "GET", "/healthz", None).0 != 200 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the daemon did not start:\n{}",
+                workspace.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    pub fn kill_hard(&mut self) {
+        // runuser forwards no SIGKILL, so kill the daemon itself, found by its parent.
+        let children = Command::new("pgrep")
+            .args(["-P", &self.child.id().to_string()])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&children.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn metrics(&self) -> String {
+        let (status, body) = http(self.http_port, "GET", "/metrics", None);
+        assert_eq!(status, 200);
+        body
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+impl Workspace {
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+}
+
+/// A minimal HTTP/1.0 request to 127.0.0.1: (status, body).
+pub fn http(port: u16, method: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let authorization = bearer
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n{authorization}\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample in Prometheus text, e.g. `pitr_prefetch_hits_total`.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Checks the exposition format line by line: comments, samples `name{labels} value`, `# EOF`.
+pub fn assert_valid_prometheus_text(text: &str) {
+    assert!(text.trim_end().ends_with("# EOF"), "no # EOF terminator");
+    for line in text.lines() {
+        if line.starts_with("# HELP ")
+            || line.starts_with("# TYPE ")
+            || line.starts_with("# UNIT ")
+            || line == "# EOF"
+        {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("malformed sample line: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in: {line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "unterminated labels in: {line}");
+        }
+        assert!(
+            value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+            "bad value in: {line}"
+        );
+    }
 }

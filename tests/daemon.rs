@@ -1,0 +1,391 @@
+//! The sidecar daemon with a real PostgreSQL 15: archive ahead and the hook fast path, a kill -9
+//! in the middle of the load, a store outage, prefetch during recovery (across a timeline
+//! switch), the socket's and the HTTP API's access rules.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::{
+    Cluster, DaemonProcess, S3Server, Workspace, free_port, http, metric, pg15_available, stderr_of,
+};
+
+const TOKEN: &str = "test-token-5f1e";
+
+fn write_config(
+    workspace: &Workspace,
+    name: &str,
+    store: &str,
+    pgdata: &Path,
+    http_port: u16,
+) -> PathBuf {
+    let keyring = workspace.path("keyring");
+    if !keyring.exists() {
+        workspace.keygen("keyring");
+    }
+    workspace.write_config(
+        name,
+        &format!(
+            "key_file = '{}'\npgdata = '{}'\nhttp_addr = '127.0.0.1:{http_port}'\nhttp_token = '{TOKEN}'\narchive_concurrency = 2\ncompression_threads = 1\nstore_timeout = 4\nmax_archive_lag = 2\nprefetch = 4\n{store}",
+            keyring.display(),
+            pgdata.display()
+        ),
+    )
+}
+
+fn archiving_cluster(workspace: &Workspace, name: &str, config: &Path) -> Cluster {
+    let command = format!(
+        "{} --config {} archive-push %p",
+        workspace.pitr.display(),
+        config.display()
+    );
+    Cluster::init(
+        workspace,
+        name,
+        &format!(
+            "wal_level = replica\narchive_mode = on\narchive_command = '{command}'\nwal_keep_size = '4GB'\nmax_wal_size = '4GB'\narchive_timeout = 0"
+        ),
+    )
+}
+
+/// Writes a little and switches to a new segment, `rounds` times.
+fn switch_segments(cluster: &Cluster, rounds: usize) {
+    for round in 0..rounds {
+        cluster.sql(&format!(
+            "insert into ledger select {round}, g from generate_series(1, 200) g"
+        ));
+        cluster.sql("select pg_switch_wal()");
+    }
+}
+
+fn wait_until_archived(cluster: &Cluster, limit: Duration) {
+    cluster.wait_for(
+        "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
+        "0",
+        limit,
+    );
+}
+
+fn archived_and_failed(cluster: &Cluster) -> (u64, u64) {
+    let row = cluster.sql("select archived_count, failed_count from pg_stat_archiver");
+    let (archived, failed) = row.split_once('|').unwrap();
+    (archived.parse().unwrap(), failed.parse().unwrap())
+}
+
+/// Every segment Postgres marked archived comes back byte-identical through `archive-get`.
+fn assert_round_trips(workspace: &Workspace, config: &Path, data: &Path) -> usize {
+    let fetched = workspace.path("fetched");
+    let _ = std::fs::remove_dir_all(&fetched);
+    std::fs::create_dir(&fetched).unwrap();
+    workspace.give_to_postgres(&fetched);
+    let mut count = 0;
+    for entry in std::fs::read_dir(data.join("pg_wal/archive_status"))
+        .unwrap()
+        .flatten()
+    {
+        let status = entry.file_name().into_string().unwrap();
+        let Some(name) = status.strip_suffix(".done").filter(|name| name.len() == 24) else {
+            continue;
+        };
+        let destination = fetched.join(name);
+        let output = workspace.pitr(
+            config,
+            &["archive-get", name, destination.to_str().unwrap()],
+        );
+        assert!(
+            output.status.success(),
+            "archive-get {name}: {}",
+            stderr_of(&output)
+        );
+        assert!(
+            std::fs::read(&destination).unwrap()
+                == std::fs::read(data.join("pg_wal").join(name)).unwrap(),
+            "{name} differs"
+        );
+        count += 1;
+    }
+    count
+}
+
+#[test]
+fn the_daemon_archives_ahead_survives_kill_9_and_guards_its_interfaces() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let repository = workspace.path("repo");
+    let http_port = free_port();
+    let primary_data = workspace.path("primary");
+    let config = write_config(
+        &workspace,
+        "pitr.toml",
+        &format!("repo = 'file://{}'\n", repository.display()),
+        &primary_data,
+        http_port,
+    );
+    let mut primary = archiving_cluster(&workspace, "primary", &config);
+    primary.start();
+    primary.sql("create table ledger (round int, item int)");
+    let mut daemon = DaemonProcess::start(&workspace, &config, &primary, http_port);
+
+    switch_segments(&primary, 30);
+    wait_until_archived(&primary, Duration::from_secs(120));
+    let before_kill = daemon.metrics();
+    let answered = metric(&before_kill, "pitr_hook_requests_total{result=\"durable\"}")
+        + metric(&before_kill, "pitr_hook_requests_total{result=\"waited\"}");
+    assert!(
+        answered >= 30.0,
+        "the daemon answered only {answered} hooks:\n{before_kill}"
+    );
+    assert_eq!(
+        metric(&before_kill, "pitr_hook_requests_total{result=\"failed\"}"),
+        0.0
+    );
+    assert!(metric(&before_kill, "pitr_archived_segments_total") >= 30.0);
+    support::assert_valid_prometheus_text(&before_kill);
+
+    daemon.kill_hard();
+    switch_segments(&primary, 10);
+    wait_until_archived(&primary, Duration::from_secs(120));
+
+    let daemon = DaemonProcess::start(&workspace, &config, &primary, http_port);
+    switch_segments(&primary, 30);
+    wait_until_archived(&primary, Duration::from_secs(120));
+    let after_restart = daemon.metrics();
+    let answered = metric(
+        &after_restart,
+        "pitr_hook_requests_total{result=\"durable\"}",
+    ) + metric(
+        &after_restart,
+        "pitr_hook_requests_total{result=\"waited\"}",
+    );
+    assert!(
+        answered >= 30.0,
+        "after the restart the daemon answered only {answered} hooks"
+    );
+
+    let (archived, failed) = archived_and_failed(&primary);
+    assert_eq!(failed, 0, "{}", primary.log());
+    assert!(archived >= 70, "only {archived} archived");
+    assert!(assert_round_trips(&workspace, &config, &primary_data) >= 64);
+    let listing = workspace.pitr(&config, &["wal", "list", "--output", "json"]);
+    let listing: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap();
+    assert_eq!(
+        listing["timelines"][0]["gaps"],
+        serde_json::json!([]),
+        "{listing}"
+    );
+
+    let (status, _) = http(http_port, "POST", "/archive/rescan", None);
+    assert_eq!(
+        status, 401,
+        "a state change without the token must be refused"
+    );
+    let (status, _) = http(http_port, "POST", "/archive/rescan", Some("wrong"));
+    assert_eq!(status, 401);
+    let (status, _) = http(http_port, "POST", "/archive/rescan", Some(TOKEN));
+    assert_eq!(status, 202);
+    let (status, body) = http(http_port, "GET", "/status", None);
+    assert_eq!(status, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["archive"]["ready_not_archived"], 0, "{status}");
+    assert!(
+        status["archive"]["last_archived_segment"].is_string(),
+        "{status}"
+    );
+    let (code, body) = http(http_port, "GET", "/readyz", None);
+    assert_eq!(code, 200, "{body}");
+
+    if support::is_root() {
+        // root can reach the socket despite its mode, so the daemon's peer check must refuse it.
+        use std::io::{Read, Write};
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(primary_data.join("pitr.sock")).unwrap();
+        stream.write_all(b"push /etc/passwd\n").unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("err the pitr daemon only answers its own user (uid "),
+            "{answer}"
+        );
+        let other_user = std::process::Command::new("runuser")
+            .args(["-u", "nobody", "--", "python3", "-c"])
+            .arg(format!(
+                "import socket; socket.socket(socket.AF_UNIX).connect('{}')",
+                primary_data.join("pitr.sock").display()
+            ))
+            .output()
+            .unwrap();
+        assert!(!other_user.status.success());
+        assert!(
+            stderr_of(&other_user).contains("PermissionError"),
+            "{}",
+            stderr_of(&other_user)
+        );
+    }
+}
+
+#[test]
+fn a_store_outage_fails_fast_keeps_the_wal_and_recovers() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let Some(s3) = S3Server::start(&workspace) else {
+        return;
+    };
+    let http_port = free_port();
+    let primary_data = workspace.path("primary");
+    let store = format!(
+        "repo = 's3://{}/outage'\n{}",
+        s3.bucket,
+        s3.store_settings()
+    );
+    let config = write_config(&workspace, "pitr.toml", &store, &primary_data, http_port);
+    let mut primary = archiving_cluster(&workspace, "primary", &config);
+    primary.start();
+    primary.sql("create table ledger (round int, item int)");
+    let daemon = DaemonProcess::start(&workspace, &config, &primary, http_port);
+    switch_segments(&primary, 5);
+    wait_until_archived(&primary, Duration::from_secs(60));
+
+    let s3 = s3.stop();
+    switch_segments(&primary, 5);
+    let started = std::time::Instant::now();
+    primary.wait_for(
+        "select failed_count > 0 from pg_stat_archiver",
+        "t",
+        Duration::from_secs(60),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "archive-push did not fail fast"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let ready =
+        primary.sql("select count(*) from pg_ls_archive_statusdir() where name like '%.ready'");
+    assert!(
+        ready.parse::<u32>().unwrap() >= 5,
+        "Postgres must keep the unarchived WAL, {ready} ready"
+    );
+    let (code, body) = http(http_port, "GET", "/readyz", None);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("cannot reach the repository"), "{body}");
+    let metrics = daemon.metrics();
+    assert!(
+        metric(&metrics, "pitr_wal_bytes_not_archived") >= 5.0 * 16.0 * 1048576.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "pitr_archive_lag_seconds") > 2.0,
+        "{metrics}"
+    );
+    assert!(metric(&metrics, "pitr_archive_failures_total") > 0.0);
+
+    let _s3 = s3.restart();
+    wait_until_archived(&primary, Duration::from_secs(120));
+    assert!(assert_round_trips(&workspace, &config, &primary_data) >= 10);
+    let (code, body) = http(http_port, "GET", "/readyz", None);
+    assert_eq!(code, 200, "{body}");
+}
+
+#[test]
+fn recovery_is_fed_by_prefetch_across_a_timeline_switch() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let repository = workspace.path("repo");
+    let store = format!("repo = 'file://{}'\n", repository.display());
+    let primary_http = free_port();
+    let primary_config = write_config(
+        &workspace,
+        "primary.toml",
+        &store,
+        &workspace.path("primary"),
+        primary_http,
+    );
+    let mut primary = archiving_cluster(&workspace, "primary", &primary_config);
+    primary.start();
+    primary.sql("create table ledger (round int, item int)");
+    let primary_daemon = DaemonProcess::start(&workspace, &primary_config, &primary, primary_http);
+    let backup = primary.base_backup(&workspace, "backup");
+    switch_segments(&primary, 24);
+    wait_until_archived(&primary, Duration::from_secs(120));
+    let expected = primary.sql("select count(*) from ledger");
+    primary.stop();
+    drop(primary_daemon);
+
+    // First recovery: replay to the end of timeline 1 through the daemon, then promote (timeline 2)
+    // and keep archiving from there.
+    let first = copy_backup(&workspace, &backup, "first");
+    let first_http = free_port();
+    let first_config = write_config(&workspace, "first.toml", &store, &first, first_http);
+    let mut replica = recovering_cluster(&workspace, "first", &first_config, true);
+    let first_daemon = DaemonProcess::start(&workspace, &first_config, &replica, first_http);
+    replica.start();
+    replica.wait_for("select pg_is_in_recovery()", "f", Duration::from_secs(180));
+    assert_eq!(replica.sql("select count(*) from ledger"), expected);
+    let metrics = first_daemon.metrics();
+    assert!(
+        metric(&metrics, "pitr_prefetch_hits_total") >= 10.0,
+        "prefetch did not feed recovery:\n{metrics}"
+    );
+    assert_eq!(
+        replica.sql("select timeline_id from pg_control_checkpoint()"),
+        "2"
+    );
+    switch_segments(&replica, 8);
+    wait_until_archived(&replica, Duration::from_secs(120));
+    let expected_after_switch = replica.sql("select count(*) from ledger");
+    replica.stop();
+    drop(first_daemon);
+
+    // Second recovery, from the same backup: it must follow the history file onto timeline 2.
+    let second = copy_backup(&workspace, &backup, "second");
+    let second_http = free_port();
+    let second_config = write_config(&workspace, "second.toml", &store, &second, second_http);
+    let mut second_cluster = recovering_cluster(&workspace, "second", &second_config, false);
+    let second_daemon =
+        DaemonProcess::start(&workspace, &second_config, &second_cluster, second_http);
+    second_cluster.start();
+    second_cluster.wait_for("select pg_is_in_recovery()", "f", Duration::from_secs(180));
+    assert_eq!(
+        second_cluster.sql("select count(*) from ledger"),
+        expected_after_switch
+    );
+    assert_eq!(
+        second_cluster.sql("select timeline_id from pg_control_checkpoint()"),
+        "3"
+    );
+    let metrics = second_daemon.metrics();
+    assert!(
+        metric(&metrics, "pitr_prefetch_hits_total") >= 10.0,
+        "{metrics}"
+    );
+}
+
+fn copy_backup(workspace: &Workspace, backup: &Path, name: &str) -> PathBuf {
+    let target = workspace.path(name);
+    support::run_checked(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(backup)
+            .arg(&target),
+    );
+    std::fs::write(target.join("recovery.signal"), "").unwrap();
+    workspace.give_to_postgres(&target);
+    target
+}
+
+fn recovering_cluster(workspace: &Workspace, name: &str, config: &Path, archive: bool) -> Cluster {
+    let cluster = Cluster::existing(workspace, name);
+    let pitr = workspace.pitr.display();
+    cluster.append_settings(&format!(
+        "restore_command = '{pitr} --config {config} archive-get %f %p'\narchive_mode = {}\narchive_command = '{pitr} --config {config} archive-push %p'",
+        if archive { "on" } else { "off" },
+        config = config.display()
+    ));
+    cluster
+}

@@ -69,8 +69,7 @@ fn authorize(daemon: &Daemon, headers: &HeaderMap) -> Result<(), (StatusCode, &'
         return Err((
             StatusCode::FORBIDDEN,
             "state-changing endpoints are disabled: set PITR_HTTP_TOKEN\n",
-        )
-            .into_response());
+        ));
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -91,8 +90,7 @@ fn authorize(daemon: &Daemon, headers: &HeaderMap) -> Result<(), (StatusCode, &'
         Err((
             StatusCode::UNAUTHORIZED,
             "a valid bearer token is required (Authorization: Bearer <PITR_HTTP_TOKEN>)\n",
-        )
-            .into_response())
+        ))
     }
 }
 

@@ -274,7 +274,7 @@ pub fn encode<R: Read, W: Write>(
 /// Decodes and verifies one object into `sink`, returning its header. `expected_name` guards
 /// against an object renamed or copied from elsewhere. On error, what was written to `sink` must
 /// be discarded: verification completes only at the end.
-pub fn decode<R: Read, W: Write>(
+pub fn decode<R: Read + Send, W: Write + Send>(
     mut source: R,
     expected_name: &str,
     keyring: Option<&Keyring>,
@@ -303,26 +303,17 @@ pub fn decode<R: Read, W: Write>(
         finished: false,
         object: expected_name.to_string(),
     };
-    let mut verifier = VerifyingWriter {
-        sink,
-        hasher: blake3::Hasher::new(),
-        written: 0,
-        limit: header.content.length,
-        object: expected_name,
-    };
-    match header.compression {
-        Compression::Zstd => {
-            let decoder = zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(
+    let plaintext: Box<dyn Read + Send> = match header.compression {
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(
                 COPY_BUFFER,
                 opener,
             ))
-            .map_err(EnvelopeError::Sink)?;
-            copy_bounded(&mut { decoder }, &mut verifier)
-        }
-        Compression::None => copy_bounded(&mut { opener }, &mut verifier),
-    }
-    .map_err(|error| corrupt_unless_wrapped(error, expected_name))?;
-    verifier.finish(&header)?;
+            .map_err(EnvelopeError::Sink)?,
+        ),
+        Compression::None => Box::new(opener),
+    };
+    deliver_verified(plaintext, sink, &header, expected_name)?;
     Ok(header)
 }
 
@@ -515,50 +506,86 @@ impl<R: Read> Read for ChunkOpener<R> {
     }
 }
 
-/// Hashes and counts the plaintext on its way to the sink, refusing to write past the length
-/// the header promised, so a corrupt object can never fill a disk.
-struct VerifyingWriter<'a, W: Write> {
-    sink: W,
-    hasher: blake3::Hasher,
-    written: u64,
+/// Decodes on this thread while another hashes the plaintext and writes it to the sink, so
+/// decompression, hashing and the write overlap. Buffers circulate between the two threads, so
+/// memory is a fixed handful of them. Nothing past the length the header promised is written,
+/// so a corrupt object can never fill a disk; the checksum is compared at the end.
+fn deliver_verified<W: Write + Send>(
+    mut plaintext: impl Read,
+    mut sink: W,
+    header: &Header,
+    object: &str,
+) -> Result<(), EnvelopeError> {
+    const BUFFERS: usize = 4;
+    let (full_sender, full_receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+    let (empty_sender, empty_receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+    for _ in 0..BUFFERS {
+        empty_sender
+            .send(vec![0u8; COPY_BUFFER])
+            .expect("the channel has room");
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<(u64, Checksum), EnvelopeError> {
+            let mut hasher = blake3::Hasher::new();
+            let mut written = 0u64;
+            for buffer in full_receiver {
+                hasher.update(&buffer);
+                sink.write_all(&buffer).map_err(EnvelopeError::Sink)?;
+                written += buffer.len() as u64;
+                let _ = empty_sender.send(buffer);
+            }
+            sink.flush().map_err(EnvelopeError::Sink)?;
+            Ok((written, Checksum(*hasher.finalize().as_bytes())))
+        });
+        let produced = produce_plaintext(
+            &mut plaintext,
+            &full_sender,
+            &empty_receiver,
+            header.content.length,
+            object,
+        );
+        drop(full_sender);
+        let written = writer.join().expect("the writer thread does not panic");
+        // A sink error explains a producer that stopped early, so it is reported first.
+        let (length, checksum) = written?;
+        produced?;
+        if length != header.content.length {
+            return Err(EnvelopeError::Truncated(object.to_string()));
+        }
+        if checksum != header.content.checksum {
+            return Err(EnvelopeError::ChecksumMismatch(object.to_string()));
+        }
+        Ok(())
+    })
+}
+
+fn produce_plaintext(
+    plaintext: &mut impl Read,
+    full: &std::sync::mpsc::SyncSender<Vec<u8>>,
+    empty: &std::sync::mpsc::Receiver<Vec<u8>>,
     limit: u64,
-    object: &'a str,
-}
-
-impl<W: Write> VerifyingWriter<'_, W> {
-    fn finish(mut self, header: &Header) -> Result<(), EnvelopeError> {
-        self.sink.flush().map_err(EnvelopeError::Sink)?;
-        let found = ContentSummary {
-            length: self.written,
-            checksum: Checksum(*self.hasher.finalize().as_bytes()),
+    object: &str,
+) -> Result<(), EnvelopeError> {
+    let mut produced = 0u64;
+    loop {
+        // The writer stopped (a sink error): it reports why.
+        let Ok(mut buffer) = empty.recv() else {
+            return Ok(());
         };
-        if found.length != header.content.length {
-            return Err(EnvelopeError::Truncated(self.object.to_string()));
+        buffer.resize(COPY_BUFFER, 0);
+        let count = read_full(plaintext, &mut buffer)
+            .map_err(|error| corrupt_unless_wrapped(error, object))?;
+        if count == 0 {
+            return Ok(());
         }
-        if found.checksum != header.content.checksum {
-            return Err(EnvelopeError::ChecksumMismatch(self.object.to_string()));
+        produced += count as u64;
+        if produced > limit {
+            return Err(EnvelopeError::ChecksumMismatch(object.to_string()));
         }
-        Ok(())
-    }
-}
-
-impl<W: Write> Write for VerifyingWriter<'_, W> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.written + data.len() as u64 > self.limit {
-            return Err(io::Error::other(EnvelopeError::ChecksumMismatch(
-                self.object.to_string(),
-            )));
+        buffer.truncate(count);
+        if full.send(buffer).is_err() {
+            return Ok(());
         }
-        self.sink
-            .write_all(data)
-            .map_err(|error| io::Error::other(EnvelopeError::Sink(error)))?;
-        self.hasher.update(data);
-        self.written += data.len() as u64;
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

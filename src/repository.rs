@@ -17,8 +17,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientConfigKey, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
-    PutPayload, RetryConfig,
+    BackoffConfig, ClientConfigKey, GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt,
+    PutMode, PutOptions, PutPayload, RetryConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -383,8 +383,46 @@ impl Repository {
             Err(RepositoryError::NotFound) => return Ok(None),
             Err(error) => return Err(error),
         };
+        // A local object is decoded straight from its file; a remote body streams in through
+        // a bounded queue, so memory stays at a few chunks either way.
+        let (source, pump): (Box<dyn Read + Send>, _) = match result.payload {
+            GetResultPayload::File(file, _) => {
+                (Box::new(io::BufReader::with_capacity(1 << 20, file)), None)
+            }
+            GetResultPayload::Stream(body) => {
+                let (reader, pump) = self.bridge(body);
+                (Box::new(reader), Some(pump))
+            }
+        };
+        let keyring = self.keyring.clone();
+        let key_owned = key.to_string();
+        let decoded = tokio::task::spawn_blocking(move || {
+            let mut sink = sink;
+            let header = envelope::decode(source, &key_owned, keyring.as_ref(), &mut sink)?;
+            Ok::<_, EnvelopeError>((header, sink))
+        })
+        .await
+        .expect("the decoding task does not panic");
+        if let Some(pump) = pump {
+            pump.abort();
+        }
+        match decoded {
+            Ok(decoded) => Ok(Some(decoded)),
+            Err(EnvelopeError::Source(error)) => Err(RepositoryError::Unreachable {
+                url: self.url.clone(),
+                detail: format!("reading {key} failed: {error}"),
+            }),
+            Err(EnvelopeError::Sink(error)) => Err(RepositoryError::Sink(error)),
+            Err(error) => Err(RepositoryError::Envelope(error.to_string())),
+        }
+    }
+
+    /// Feeds an async body stream to a blocking reader, failing it if the store stalls.
+    fn bridge(
+        &self,
+        mut body: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    ) -> (ChannelReader, tokio::task::JoinHandle<()>) {
         let (sender, receiver) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
-        let mut body = result.into_stream();
         let timeout = self.timeout;
         let url = self.url.clone();
         let pump = tokio::spawn(async move {
@@ -408,29 +446,11 @@ impl Repository {
                 }
             }
         });
-        let keyring = self.keyring.clone();
-        let key_owned = key.to_string();
-        let decoded = tokio::task::spawn_blocking(move || {
-            let reader = ChannelReader {
-                receiver,
-                current: Bytes::new(),
-            };
-            let mut sink = sink;
-            let header = envelope::decode(reader, &key_owned, keyring.as_ref(), &mut sink)?;
-            Ok::<_, EnvelopeError>((header, sink))
-        })
-        .await
-        .expect("the decoding task does not panic");
-        pump.abort();
-        match decoded {
-            Ok(decoded) => Ok(Some(decoded)),
-            Err(EnvelopeError::Source(error)) => Err(RepositoryError::Unreachable {
-                url: self.url.clone(),
-                detail: format!("reading {key} failed: {error}"),
-            }),
-            Err(EnvelopeError::Sink(error)) => Err(RepositoryError::Sink(error)),
-            Err(error) => Err(RepositoryError::Envelope(error.to_string())),
-        }
+        let reader = ChannelReader {
+            receiver,
+            current: Bytes::new(),
+        };
+        (reader, pump)
     }
 
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RepositoryError> {

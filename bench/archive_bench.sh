@@ -57,6 +57,17 @@ log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 as_pg() { runuser -u postgres -- "$@"; }
 busy() { pgrep -x cargo >/dev/null || pgrep -x rustc >/dev/null; }
+# wait_idle: before every timed phase, wait until no cargo/rustc runs (WAIT_IDLE=0 disables);
+# the seconds waited are reported in the summary. busy is checked again after each phase.
+WAITED_S=0
+wait_idle() {
+  [ "${WAIT_IDLE:-1}" = 1 ] || return 0
+  local t0=$SECONDS
+  while busy; do sleep 5; done
+  if [ $((SECONDS - t0)) -gt 0 ]; then
+    WAITED_S=$((WAITED_S + SECONDS - t0)); log "waited $((SECONDS - t0)) s for cargo/rustc to finish"
+  fi
+}
 
 [ "$(id -u)" = 0 ] || die "run as root (the hooks are run as postgres through runuser)"
 command -v pgbackrest >/dev/null || die "pgbackrest is not installed (apt-get install pgbackrest)"
@@ -157,11 +168,13 @@ DRIVER=$WORK/driver.sh
 BUSY_SEEN=0
 timed() {
   local label=$1 run=$2 w u s; shift 2
+  wait_idle
   busy && BUSY_SEEN=1
   if ! /usr/bin/time -f '%e %U %S' -o "$WORK/time.out" "$@" 2>"$WORK/stderr.out"; then
     cat "$WORK/stderr.out" >&2
     die "$label run $run failed (stderr above, also in $OUTDIR/bench.log)"
   fi
+  busy && BUSY_SEEN=1
   { echo "== $label #$run"; cat "$WORK/stderr.out"; } >>"$OUTDIR/bench.log"
   read -r w u s <"$WORK/time.out"
   printf '%s\t%s\t%s\t%s\t%s\n' "$label" "$run" "$w" "$u" "$s" >>"$RES"
@@ -204,6 +217,7 @@ done
 # DUP_CALLS+1 calls each, the first one (warm-up) dropped
 lat() {   # label cmd...
   local label=$1 i=0 t; shift
+  wait_idle
   busy && BUSY_SEEN=1
   as_pg "$DRIVER" lat $((DUP_CALLS + 1)) "$STAGE_PG" "$@" 2>>"$OUTDIR/bench.log" | tail -n +2 | while read -r t; do
     i=$((i + 1)); printf '%s\t%s\t%s\t-\t-\n' "$label" "$i" "$t" >>"$RES"
@@ -262,6 +276,7 @@ MIB=$(awk -v b="$SEGBYTES" 'BEGIN{printf "%.1f", b/1048576}')
   echo "pitr archive bench  $(date -u '+%Y-%m-%d %H:%M:%SZ')  host $(hostname) ($(nproc) CPUs)"
   echo "corpus: $CORPUS  $NSEG segments, $MIB MiB; runs=$RUNS (medians); $(pgbackrest version); $("$PITR" --version)"
   echo "pgBackRest: sync, compress-type=zst level 1, aes-256-cbc.  pitr: compression_level=1, keyring (encrypted), file:// repo"
+  [ "$WAITED_S" -gt 0 ] && echo "note: waited $WAITED_S s in total for cargo/rustc to finish before timed phases"
   [ "$BUSY_SEEN" = 1 ] && echo "WARNING: a cargo/rustc process was running during some measurements; figures are pessimistic"
   echo
   printf '%-22s %9s %9s %9s %9s %8s %9s %10s\n' operation median_s min_s max_s cpu_s seg/s MiB/s pitr/pgbr

@@ -87,6 +87,11 @@ impl KeyringKey {
         hex::encode(&hash.as_bytes()[..8])
     }
 
+    /// Key material for deriving other keys (chunk ids); never stored or printed.
+    pub fn check_value_material(&self) -> [u8; 32] {
+        *blake3::keyed_hash(self.secret.bytes(), b"pitr derived key material v1").as_bytes()
+    }
+
     /// Encrypts a data key; `context` (the object header) is authenticated alongside it.
     pub fn wrap(&self, data_key: &SecretKey, context: &[u8]) -> ([u8; 12], [u8; 48]) {
         let mut nonce = [0u8; 12];

@@ -5,11 +5,14 @@
 //! `repository` stores objects on object_store, `config` resolves settings, and `commands` are
 //! the entry points the CLI calls. docs/ARCHITECTURE.md walks through them.
 
+pub mod backup;
 pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod durable;
 pub mod envelope;
 pub mod keyring;
+pub mod postgres;
 pub mod repository;
+pub mod restore;
 pub mod wal;

@@ -68,6 +68,75 @@ enum Command {
         after_help = "Examples:\n  pitr daemon --pgdata /var/lib/postgresql/data\n  PITR_ARCHIVE_CONCURRENCY=4 PITR_HTTP_ADDR=127.0.0.1:9851 pitr daemon --pgdata $PGDATA\n  curl -s localhost:9851/status | jq .archive\n\nThe hooks find the daemon through PITR_SOCKET (default <pgdata>/pitr.sock) and fall back to doing the work themselves when it is not running."
     )]
     Daemon,
+    /// Take an online base backup of the running cluster.
+    #[command(
+        after_help = "Examples:\n  PGHOST=/var/run/postgresql pitr backup --pgdata /var/lib/postgresql/15/main\n  pitr backup --pgdata $PGDATA --pg-url 'host=localhost user=postgres' --label nightly\n\nOnly chunks the repository does not hold yet are uploaded, so later backups send only what changed. Page checksums are verified when the cluster has them enabled."
+    )]
+    Backup {
+        /// A label recorded in the backup.
+        #[arg(long)]
+        label: Option<String>,
+        /// Keep the backup even if page checksum verification finds corrupt pages.
+        #[arg(long)]
+        ignore_checksum_failures: bool,
+        /// Parallel file readers and uploads [default: the CPU count].
+        #[arg(long, env = "PITR_BACKUP_CONCURRENCY")]
+        concurrency: Option<usize>,
+    },
+    /// Restore a data directory to a point in time.
+    #[command(
+        after_help = "Examples:\n  pitr restore --pgdata /srv/pg/restored --target-time '2026-11-20 14:30:00+00' --start\n  pitr restore --pgdata /srv/pg/restored --target-lsn 0/5000028\n  pitr restore --pgdata /srv/pg/restored --target-name before_migration --target-action pause\n  pitr restore --pgdata /srv/pg/main --delta                   # to the end of the archive, reusing matching files\n\nThe newest backup that ended before the target is chosen, and the archive is checked for every WAL segment needed before anything is downloaded."
+    )]
+    Restore {
+        /// Stop at this time; ISO 8601 or Postgres syntax, with a zone.
+        #[arg(long, group = "recovery_target")]
+        target_time: Option<String>,
+        /// Stop at this LSN.
+        #[arg(long, group = "recovery_target")]
+        target_lsn: Option<String>,
+        /// Stop at this transaction id.
+        #[arg(long, group = "recovery_target")]
+        target_xid: Option<String>,
+        /// Stop at this restore point (pg_create_restore_point).
+        #[arg(long, group = "recovery_target")]
+        target_name: Option<String>,
+        /// `immediate`: stop at the earliest consistent point.
+        #[arg(long, group = "recovery_target", value_parser = ["immediate"])]
+        target: Option<String>,
+        /// Stop just before the target instead of just after it.
+        #[arg(long)]
+        target_exclusive: bool,
+        /// latest, current or a timeline number.
+        #[arg(long, default_value = "latest")]
+        target_timeline: String,
+        /// What Postgres does at the target.
+        #[arg(long, default_value = "promote", value_parser = ["promote", "pause", "shutdown"])]
+        target_action: String,
+        /// Restore this backup instead of choosing one.
+        #[arg(long)]
+        backup: Option<String>,
+        /// Restore over an existing directory, keeping files whose checksums match.
+        #[arg(long)]
+        delta: bool,
+        /// Start Postgres and wait until it reaches the target.
+        #[arg(long)]
+        start: bool,
+        /// Directory holding pg_ctl, for --start [default: /usr/lib/postgresql/<version>/bin].
+        #[arg(long)]
+        pg_bin: Option<PathBuf>,
+        /// Parallel downloads [default: the CPU count].
+        #[arg(long, env = "PITR_BACKUP_CONCURRENCY")]
+        concurrency: Option<usize>,
+    },
+    /// List backups and the recoverable window.
+    #[command(
+        visible_alias = "info",
+        after_help = "Examples:\n  pitr list\n  pitr info --output json"
+    )]
+    List {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
     /// Inspect the WAL archive.
     Wal {
         #[command(subcommand)]
@@ -109,13 +178,85 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("the tokio runtime starts");
-    match runtime.block_on(run(&cli.command, &settings)) {
+    match runtime.block_on(run(&cli.command, &settings, cli.global.config.as_ref())) {
         Ok(code) => code,
         Err(error) => fail(&cli.command, &error),
     }
 }
 
-async fn run(command: &Command, settings: &Settings) -> anyhow::Result<ExitCode> {
+fn restore_options(
+    command: &Command,
+    settings: &Settings,
+    config_file: Option<&PathBuf>,
+) -> anyhow::Result<pitr::restore::RestoreOptions> {
+    use pitr::restore::target::{RecoveryTarget, parse_time};
+    use pitr::restore::{TargetAction, TargetTimeline};
+    let Command::Restore {
+        target_time,
+        target_lsn,
+        target_xid,
+        target_name,
+        target,
+        target_exclusive,
+        target_timeline,
+        target_action,
+        backup,
+        delta,
+        start,
+        pg_bin,
+        concurrency,
+    } = command
+    else {
+        unreachable!("called for restore only")
+    };
+    let recovery_target = if let Some(time) = target_time {
+        RecoveryTarget::Time(parse_time(time)?)
+    } else if let Some(lsn) = target_lsn {
+        RecoveryTarget::Lsn(lsn.parse()?)
+    } else if let Some(xid) = target_xid {
+        anyhow::ensure!(
+            xid.parse::<u64>().is_ok(),
+            "--target-xid '{xid}' is not a transaction id: give a number such as 7421"
+        );
+        RecoveryTarget::Xid(xid.clone())
+    } else if let Some(name) = target_name {
+        RecoveryTarget::Name(name.clone())
+    } else if target.is_some() {
+        RecoveryTarget::Immediate
+    } else {
+        RecoveryTarget::EndOfArchive
+    };
+    let timeline = match target_timeline.as_str() {
+        "latest" => TargetTimeline::Latest,
+        "current" => TargetTimeline::Current,
+        number => TargetTimeline::Id(pitr::wal::TimelineId(number.parse().map_err(|_| {
+            anyhow::anyhow!("--target-timeline '{number}' is not valid: use latest, current or a timeline number")
+        })?)),
+    };
+    let action = match target_action.as_str() {
+        "pause" => TargetAction::Pause,
+        "shutdown" => TargetAction::Shutdown,
+        _ => TargetAction::Promote,
+    };
+    Ok(pitr::restore::RestoreOptions {
+        target: recovery_target,
+        inclusive: !target_exclusive,
+        timeline,
+        action,
+        backup: backup.clone().map(pitr::backup::BackupId),
+        delta: *delta,
+        start: *start,
+        concurrency: concurrency.unwrap_or(settings.archive_concurrency),
+        config_file: config_file.cloned(),
+        pg_bin: pg_bin.clone(),
+    })
+}
+
+async fn run(
+    command: &Command,
+    settings: &Settings,
+    config_file: Option<&PathBuf>,
+) -> anyhow::Result<ExitCode> {
     match command {
         Command::ArchivePush { path } => {
             let outcome = archive_push::run(settings, path).await?;
@@ -132,6 +273,45 @@ async fn run(command: &Command, settings: &Settings) -> anyhow::Result<ExitCode>
                 Ok(ExitCode::from(1))
             }
         },
+        Command::Backup {
+            label,
+            ignore_checksum_failures,
+            concurrency,
+        } => {
+            let options = pitr::backup::take::BackupOptions {
+                label: label.clone(),
+                ignore_checksum_failures: *ignore_checksum_failures,
+                concurrency: concurrency.unwrap_or(settings.archive_concurrency),
+            };
+            let manifest = pitr::backup::take::run(settings, &options).await?;
+            println!(
+                "backup {} complete: {} MiB in {} files, {} MiB uploaded ({} new chunks, {} reused), LSN {} to {}, timeline {}",
+                manifest.id,
+                manifest.logical_bytes >> 20,
+                manifest.files.len(),
+                manifest.uploaded_bytes >> 20,
+                manifest.new_chunks,
+                manifest.reused_chunks,
+                manifest.start_lsn,
+                manifest.stop_lsn,
+                manifest.timeline.0
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore { .. } => {
+            let options = restore_options(command, settings, config_file)?;
+            pitr::restore::run(settings, &options)
+                .await
+                .map(|_| ExitCode::SUCCESS)
+        }
+        Command::List { output } => {
+            let listing = pitr::commands::list::collect(settings).await?;
+            match output {
+                OutputFormat::Table => pitr::commands::list::print_table(&listing),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&listing)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Daemon => pitr::daemon::run(settings.clone())
             .await
             .map(|_| ExitCode::SUCCESS),
@@ -156,6 +336,9 @@ fn fail(command: &Command, error: &anyhow::Error) -> ExitCode {
         Command::ArchiveGet { .. } => "archive-get",
         Command::Keygen { .. } => "keygen",
         Command::Daemon => "daemon",
+        Command::Backup { .. } => "backup",
+        Command::Restore { .. } => "restore",
+        Command::List { .. } => "list",
         Command::Wal { .. } => "wal list",
     };
     eprintln!(

@@ -318,6 +318,40 @@ impl Repository {
         self.put_raw(key, Bytes::from(encoded)).await
     }
 
+    /// Encodes bytes held in memory (a backup chunk, a manifest) and stores them create-only.
+    pub async fn put_bytes(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        options: &EncodeOptions,
+    ) -> Result<PutOutcome, RepositoryError> {
+        let (key_owned, options, keyring) =
+            (key.to_string(), options.clone(), self.keyring.clone());
+        let encoded = tokio::task::spawn_blocking(move || {
+            let content = ContentSummary::of_bytes(&bytes);
+            envelope::encode(
+                &bytes[..],
+                content,
+                &key_owned,
+                keyring.as_ref(),
+                &options,
+                Vec::with_capacity(bytes.len() / 2 + 256),
+            )
+        })
+        .await
+        .expect("the encoding task does not panic")
+        .map_err(|error| RepositoryError::Envelope(error.to_string()))?;
+        self.put_raw(key, Bytes::from(encoded)).await
+    }
+
+    /// Reads and verifies a small object into memory; `None` if it does not exist.
+    pub async fn read_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, RepositoryError> {
+        Ok(self
+            .read_object(key, Vec::new())
+            .await?
+            .map(|(_, bytes)| bytes))
+    }
+
     /// Stores already-encoded bytes create-only, and makes them durable.
     async fn put_raw(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, RepositoryError> {
         let location = self.location(key);

@@ -354,6 +354,18 @@ pub fn read_segment_header(
     Ok(header)
 }
 
+/// The header of any valid segment in a `pg_wal` directory: it tells which cluster, version and
+/// segment size the directory belongs to.
+pub fn any_segment_header(pg_wal: &Path) -> Option<SegmentHeader> {
+    std::fs::read_dir(pg_wal).ok()?.flatten().find_map(|entry| {
+        let file_name = entry.file_name().into_string().ok()?;
+        let WalFileName::Segment(segment) = file_name.parse().ok()? else {
+            return None;
+        };
+        read_segment_header(&entry.path(), &file_name, segment).ok()
+    })
+}
+
 /// The system identifier recorded in a data directory's `global/pg_control`, if there is one.
 /// It is the first field of `ControlFileData` in every supported version.
 pub fn control_file_system_identifier(data_directory: &Path) -> Option<SystemIdentifier> {

@@ -24,7 +24,7 @@ pub enum GetOutcome {
 
 pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Result<GetOutcome> {
     let name: WalFileName = wal_file.parse()?;
-    let destination = absolute_destination(settings, destination);
+    let destination = absolute_destination(destination);
     if let Some(outcome) = crate::daemon::client::get(settings, &name, &destination).await? {
         return Ok(outcome);
     }
@@ -51,14 +51,10 @@ pub async fn check_cluster(
     Ok(())
 }
 
-/// `%p` is relative to the data directory, where Postgres runs the command.
-pub fn absolute_destination(settings: &Settings, destination: &Path) -> PathBuf {
-    let joined = if destination.is_absolute() {
-        destination.to_path_buf()
-    } else {
-        settings.pgdata.join(destination)
-    };
-    std::path::absolute(&joined).unwrap_or(joined)
+/// `%p` is relative to the data directory, which is where Postgres runs restore_command: a
+/// relative destination is resolved against the working directory, never a configured one.
+pub fn absolute_destination(destination: &Path) -> PathBuf {
+    std::path::absolute(destination).unwrap_or_else(|_| destination.to_path_buf())
 }
 
 /// Fetches, verifies and decodes one WAL file into `destination`, atomically.

@@ -62,7 +62,7 @@ pub fn validate(settings: &Settings, path: &Path) -> Result<WalFile> {
             )
         })?;
     let name: WalFileName = file_name.parse()?;
-    let path = resolve_against_pgdata(settings, path);
+    let path = resolve_against_working_directory(path);
     let header = match name.segment() {
         Some(segment) => Some(wal::read_segment_header(&path, file_name, segment)?),
         None => header_of_any_segment_beside(&path),
@@ -152,13 +152,10 @@ async fn compare_with_stored(
     )
 }
 
-/// archive_command runs in the data directory and passes a relative %p.
-fn resolve_against_pgdata(settings: &Settings, path: &Path) -> PathBuf {
-    if path.is_absolute() || path.exists() {
-        path.to_path_buf()
-    } else {
-        settings.pgdata.join(path)
-    }
+/// Postgres runs archive_command in its data directory and passes %p relative to it, so a
+/// relative path is resolved against the working directory, never against a configured one.
+fn resolve_against_working_directory(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// History and backup files carry no WAL header; the segments beside them tell which cluster
@@ -168,14 +165,5 @@ fn header_of_any_segment_beside(path: &Path) -> Option<SegmentHeader> {
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::read_dir(directory)
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let file_name = entry.file_name().into_string().ok()?;
-            let WalFileName::Segment(segment) = file_name.parse().ok()? else {
-                return None;
-            };
-            wal::read_segment_header(&entry.path(), &file_name, segment).ok()
-        })
+    wal::any_segment_header(directory)
 }

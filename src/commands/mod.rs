@@ -6,4 +6,5 @@
 pub mod archive_get;
 pub mod archive_push;
 pub mod keygen;
+pub mod list;
 pub mod wal_list;

@@ -75,44 +75,10 @@ impl Daemon {
 
     /// Connects to Postgres with the libpq variables (or `PITR_PG_URL`).
     pub async fn postgres_in_recovery(&self) -> Result<bool> {
-        let config = postgres_config(&self.settings)?;
-        let connect = config.connect(tokio_postgres::NoTls);
-        let (client, connection) = tokio::time::timeout(http::READINESS_TIMEOUT, connect)
-            .await
-            .context("Postgres did not answer within 5 s")?
-            .context("cannot connect to Postgres (check PGHOST, PGPORT, PGUSER or PITR_PG_URL)")?;
-        tokio::spawn(connection);
+        let client = crate::postgres::connect(&self.settings, http::READINESS_TIMEOUT).await?;
         let row = client.query_one("select pg_is_in_recovery()", &[]).await?;
         Ok(row.get(0))
     }
-}
-
-/// A tokio-postgres config from `PITR_PG_URL`, or else from the standard libpq variables.
-pub fn postgres_config(settings: &Settings) -> Result<tokio_postgres::Config> {
-    if let Some(url) = &settings.pg_url {
-        return url
-            .parse()
-            .context("PITR_PG_URL is not a valid Postgres connection string");
-    }
-    let variable = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
-    let mut config = tokio_postgres::Config::new();
-    config.host(
-        variable("PGHOST")
-            .as_deref()
-            .unwrap_or("/var/run/postgresql"),
-    );
-    config.port(
-        variable("PGPORT")
-            .and_then(|port| port.parse().ok())
-            .unwrap_or(5432),
-    );
-    config.user(variable("PGUSER").as_deref().unwrap_or("postgres"));
-    config.dbname(variable("PGDATABASE").as_deref().unwrap_or("postgres"));
-    if let Some(password) = variable("PGPASSWORD") {
-        config.password(password);
-    }
-    config.application_name("pitr daemon");
-    Ok(config)
 }
 
 pub async fn run(settings: Settings) -> Result<()> {

@@ -96,9 +96,21 @@ impl Workspace {
 
     /// Runs the pitr binary with `args` as the Postgres user, returning its output.
     pub fn pitr(&self, config: &Path, args: &[&str]) -> Output {
+        self.pitr_with_env(config, args, &[])
+    }
+
+    pub fn pitr_with_env(
+        &self,
+        config: &Path,
+        args: &[&str],
+        environment: &[(&str, String)],
+    ) -> Output {
         let mut command = as_postgres(&self.pitr);
         command.arg("--config").arg(config).args(args);
         command.env_remove("PITR_REPO").env_remove("PITR_KEY_FILE");
+        for (key, value) in environment {
+            command.env(key, value);
+        }
         command.output().unwrap()
     }
 
@@ -170,6 +182,16 @@ pub struct Cluster {
 impl Cluster {
     /// initdb a new cluster with `settings` appended to postgresql.conf.
     pub fn init(workspace: &Workspace, name: &str, settings: &str) -> Self {
+        Self::init_with(workspace, name, settings, &[])
+    }
+
+    /// `init`, with extra initdb arguments such as `--data-checksums`.
+    pub fn init_with(
+        workspace: &Workspace,
+        name: &str,
+        settings: &str,
+        initdb_arguments: &[&str],
+    ) -> Self {
         let data = workspace.path(name);
         run_checked(
             as_postgres(&Path::new(PG15_BIN).join("initdb"))
@@ -183,7 +205,8 @@ impl Cluster {
                     "UTF8",
                     "--locale=C",
                     "--no-sync",
-                ]),
+                ])
+                .args(initdb_arguments),
         );
         let cluster = Cluster::existing(workspace, name);
         cluster.append_settings(settings);
@@ -208,6 +231,15 @@ impl Cluster {
         cluster
     }
 
+    /// The libpq variables that reach this cluster.
+    pub fn libpq_environment(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PGHOST", self.socket_directory.display().to_string()),
+            ("PGPORT", self.port.to_string()),
+            ("PGUSER", "postgres".to_string()),
+        ]
+    }
+
     pub fn append_settings(&self, settings: &str) {
         use std::io::Write;
         let mut file = std::fs::OpenOptions::new()
@@ -218,13 +250,19 @@ impl Cluster {
     }
 
     pub fn start(&mut self) {
-        run_checked(
-            as_postgres(&self.bin.join("pg_ctl"))
-                .args(["-D"])
-                .arg(&self.data)
-                .args(["-l"])
-                .arg(self.data.with_extension("log"))
-                .args(["-w", "-t", "120", "start"]),
+        let output = as_postgres(&self.bin.join("pg_ctl"))
+            .args(["-D"])
+            .arg(&self.data)
+            .args(["-l"])
+            .arg(self.data.with_extension("log"))
+            .args(["-w", "-t", "120", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "pg_ctl start failed: {}\nserver log:\n{}",
+            stderr_of(&output),
+            self.log()
         );
         self.running = true;
     }

@@ -1,0 +1,553 @@
+#!/usr/bin/env bash
+# daemon_bench.sh - the pitr sidecar daemon against pgBackRest 2.45 async archiving, in one run,
+# on fixed WAL corpora, driven the way PostgreSQL drives archive_command / restore_command
+# (one hook process per segment, in WAL order, as user postgres, cwd = PGDATA).
+#
+# For every corpus (CORPORA) and every repository kind (REPOS: local directory, and optionally
+# an S3 server on loopback behind a TCP proxy that adds DELAY_MS in each direction):
+#   push   all segments staged in pg_wal with archive_status/*.ready, then one archive-push per
+#          segment in order; the driver renames .ready -> .done after each success, as the
+#          archiver does. Timed from the start of the daemon (pitr) / the first hook
+#          (pgBackRest, whose first call forks its async process) until the last hook returns.
+#            pgbr-async  archive-async=y process-max=2 zst-1 aes-256-cbc spool-path
+#            pitr-c2     pitr daemon, archive_concurrency=2 (= process-max), compression_threads=0
+#            pitr-c<HI>  the same with archive_concurrency=CONC_HI (default 8): the RSS check
+#          every run starts from an empty repository; the object count is checked after each run
+#   get    one archive-get per segment into an empty directory (same filesystem as pg_wal):
+#            pgbr-async  archive-async=y process-max=2 archive-get-queue-max=1GiB
+#            pitr-c2     daemon on a fresh stage PGDATA, prefetch=PREFETCH, concurrency 2
+#            pitr-c<HI>  the same with concurrency CONC_HI
+#          timed from daemon start / first hook to the last hook; run 1 is checked with cmp
+#   lat    archive-push of an already-archived segment, LAT_CALLS calls (+1 warm-up dropped):
+#          pitr through the daemon, pitr without daemon (direct), pgBackRest async; and the
+#          process-start floors /bin/true, `pitr --version`, `pgbackrest version`
+#   rss    VmHWM of the daemon process at the end of each push / get run
+#   limits (per corpus) zstd -1 on one and two cores on the concatenated corpus (push limit),
+#          an fsync'd copy of every segment (get limit), zstd -d (informational)
+#
+# cpu_s is machine-wide busy time (/proc/stat) during the timed window, so it includes
+# pgBackRest's detached async process and the daemon alike.
+#
+# Usage (root, Debian bookworm, pgbackrest + zstd + curl + python3 installed):
+#     bench/daemon_bench.sh
+#     REPOS="local s3" CORPORA="pgbench:/tmp/bl realistic:/tmp/bl2" bench/daemon_bench.sh
+# Knobs (environment):
+#   CORPORA="pgbench:/tmp/bl realistic:/tmp/bl2"   TAG:BL pairs; BL has corpus/, src/ (wal_corpus*.sh
+#                               layout); pairs whose corpus is missing are skipped with a note
+#   REPOS=local                 "local", "s3" or "local s3"
+#   PITR_BIN=target/release/pitr   copied into WORK before anything is timed
+#   RUNS=3  LAT_CALLS=50  CONC=2  CONC_HI=8  PREFETCH=16
+#   HTTP_ADDR=127.0.0.1:19851   the daemon's HTTP API (for /status and /metrics)
+#   S3_PORT=19700 PROXY_PORT=19701 TLS_PORT=19702 DELAY_MS=10
+#   WORK=/tmp/pitr-bench/dwork  OUTDIR=/tmp/pitr-bench/daemon-results
+#   WAIT_IDLE=1                 before every timed phase, wait while cargo/rustc runs
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+CORPORA=${CORPORA:-pgbench:/tmp/bl realistic:/tmp/bl2}
+REPOS=${REPOS:-local}
+PITR_BIN=${PITR_BIN:-$ROOT/target/release/pitr}
+RUNS=${RUNS:-3}
+LAT_CALLS=${LAT_CALLS:-50}
+CONC=${CONC:-2}
+CONC_HI=${CONC_HI:-8}
+PREFETCH=${PREFETCH:-16}
+HTTP_ADDR=${HTTP_ADDR:-127.0.0.1:19851}
+S3_PORT=${S3_PORT:-19700}
+PROXY_PORT=${PROXY_PORT:-19701}
+TLS_PORT=${TLS_PORT:-19702}
+DELAY_MS=${DELAY_MS:-10}
+WORK=${WORK:-/tmp/pitr-bench/dwork}
+OUTDIR=${OUTDIR:-/tmp/pitr-bench/daemon-results}
+CIPHER_PASS=${CIPHER_PASS:-bench-passphrase-0123456789abcdef}
+S3_AK=benchaccess S3_SK=benchsecret0123456789 BUCKET=bench
+PY=/usr/bin/python3
+
+STAGE=$WORK/stage          # push PGDATA: global/pg_control, PG_VERSION, pg_wal/ (+ .ready)
+GSTAGE=$WORK/gstage        # get PGDATA: global/pg_control, PG_VERSION, empty pg_wal/
+GETDIR=$WORK/get           # archive-get destinations (same filesystem as pg_wal)
+RUN=$WORK/run              # daemon pid files
+RES=$OUTDIR/results.tsv    # label run wall_s cpu_s
+DRES=$OUTDIR/daemon.tsv    # label run vmhwm_kb daemon_cpu_s hits misses durable waited failed
+LRES=$OUTDIR/latency.tsv   # label call seconds
+S3DATA=$WORK/s3data
+
+log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+as_pg() { runuser -u postgres -- "$@"; }
+busy() { pgrep -x cargo >/dev/null || pgrep -x rustc >/dev/null; }
+WAITED_S=0 BUSY_SEEN=0
+wait_idle() {
+  [ "${WAIT_IDLE:-1}" = 1 ] || return 0
+  local t0=$SECONDS
+  while busy; do sleep 5; done
+  if [ $((SECONDS - t0)) -gt 0 ]; then
+    WAITED_S=$((WAITED_S + SECONDS - t0)); log "waited $((SECONDS - t0)) s for cargo/rustc to finish"
+  fi
+}
+cpu_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
+HZ=$(getconf CLK_TCK)
+
+[ "$(id -u)" = 0 ] || die "run as root (hooks and daemon run as postgres through runuser)"
+for c in pgbackrest zstd curl openssl; do command -v $c >/dev/null || die "$c is not installed"; done
+[ -x "$PITR_BIN" ] || die "no pitr binary at $PITR_BIN (set PITR_BIN)"
+case " $REPOS " in *" s3 "*)
+  command -v s3s-fs >/dev/null || die "s3s-fs is not installed (cargo install s3s-fs --features binary)"
+  command -v stunnel4 >/dev/null || die "stunnel4 is not installed";;
+esac
+
+# ---------------------------------------------------------------- scratch layout
+rm -rf "$WORK"; mkdir -p "$WORK/bin" "$RUN" "$OUTDIR"
+install -m 755 "$PITR_BIN" "$WORK/bin/pitr"     # rebuilds during the run don't change what is measured
+PITR=$WORK/bin/pitr
+chown postgres: "$WORK" "$RUN"
+: >"$RES"; : >"$DRES"; : >"$LRES"; : >"$OUTDIR/bench.log"; : >"$OUTDIR/limits.tsv"; : >"$OUTDIR/sizes.txt"
+as_pg "$PITR" keygen --output "$WORK/keyring" >/dev/null
+
+cat >"$WORK/driver.sh" <<'EOF'
+#!/usr/bin/env bash
+# driver.sh MODE LIST PGDATA HOOK-CMD...   (runs as postgres, cwd = PGDATA, like Postgres)
+set -euo pipefail
+mode=$1 list=$2 dir=$3; shift 3
+cd "$dir"
+case $mode in
+  push)  # archive_command, then .ready -> .done as the archiver does on success
+    while read -r s; do
+      "$@" archive-push "pg_wal/$s" || { echo "archive-push pg_wal/$s failed" >&2; exit 1; }
+      mv "pg_wal/archive_status/$s.ready" "pg_wal/archive_status/$s.done"
+    done <"$list" ;;
+  get)   dest=$1; shift   # restore_command
+    while read -r s; do "$@" archive-get "$s" "$dest/$s" || { echo "archive-get $s failed" >&2; exit 1; }; done <"$list" ;;
+  lat)   # LIST is a count: run "$@" that many times, print each call's wall seconds
+    # ($EPOCHREALTIME: no timer process; every row, floors included, pays the same fork+exec)
+    for _ in $(seq 1 "$list"); do
+      t0=$EPOCHREALTIME; "$@" >/dev/null || { echo "lat: $* failed" >&2; exit 1; }; t1=$EPOCHREALTIME
+      awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.6f\n", b-a}'
+    done ;;
+esac
+EOF
+chmod 755 "$WORK/driver.sh"
+DRIVER=$WORK/driver.sh
+
+# ---------------------------------------------------------------- S3 (optional)
+S3_PID= PROXY_PID= TLS_PID= DAEMON_JOB=
+cleanup() {
+  stop_daemon 2>/dev/null || true
+  local p
+  for p in $TLS_PID $PROXY_PID $S3_PID; do kill "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+wait_port() { local i; for i in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+start_s3() {
+  mkdir -p "$S3DATA/$BUCKET" "$WORK/tls"
+  s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key "$S3_AK" --secret-key "$S3_SK" "$S3DATA" \
+    >"$OUTDIR/s3s-fs.log" 2>&1 &
+  S3_PID=$!
+  "$PY" "$HERE/delay_proxy.py" --listen "127.0.0.1:$PROXY_PORT" --target "127.0.0.1:$S3_PORT" \
+    --delay-ms "$DELAY_MS" >"$OUTDIR/delay_proxy.log" 2>&1 &
+  PROXY_PID=$!
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=127.0.0.1 \
+    -keyout "$WORK/tls/key.pem" -out "$WORK/tls/cert.pem" 2>/dev/null
+  cat >"$WORK/tls/stunnel.conf" <<EOF
+foreground = yes
+pid =
+debug = 3
+[s3]
+accept = 127.0.0.1:$TLS_PORT
+connect = 127.0.0.1:$PROXY_PORT
+cert = $WORK/tls/cert.pem
+key = $WORK/tls/key.pem
+EOF
+  stunnel4 "$WORK/tls/stunnel.conf" >"$OUTDIR/stunnel.log" 2>&1 &
+  TLS_PID=$!
+  wait_port "$S3_PORT" || die "s3s-fs did not start (see $OUTDIR/s3s-fs.log)"
+  wait_port "$PROXY_PORT" || die "delay_proxy did not start (see $OUTDIR/delay_proxy.log)"
+  wait_port "$TLS_PORT" || die "stunnel did not start (see $OUTDIR/stunnel.log)"
+  log "S3: s3s-fs :$S3_PORT <- delay proxy +${DELAY_MS} ms each way :$PROXY_PORT <- stunnel (TLS, pgBackRest only) :$TLS_PORT"
+}
+case " $REPOS " in *" s3 "*) start_s3;; esac
+
+# ---------------------------------------------------------------- per-corpus / per-repo setup
+# set_corpus TAG BL: CORPUS, SRC, SEGS, NSEG, SEGBYTES, MID_SEG
+set_corpus() {
+  TAG=$1 CORPUS=$2/corpus SRC=$2/src
+  SEGS=$WORK/segs-$TAG.txt
+  (cd "$CORPUS" && ls | grep -E '^[0-9A-F]{24}$' | sort) >"$SEGS"
+  NSEG=$(wc -l <"$SEGS")
+  SEGBYTES=$(cd "$CORPUS" && xargs stat -c %s <"$SEGS" | awk '{s+=$1} END{printf "%.0f", s}')
+  MID_SEG=$(sed -n "$(((NSEG + 1) / 2))p" "$SEGS")
+}
+
+# write_configs KIND: pitr configs (push/get x concurrency) and the pgBackRest config
+write_configs() {
+  local kind=$1 c store repo
+  if [ "$kind" = local ]; then
+    repo="file://$WORK/pitr-repo-c%C" store=
+  else
+    repo="s3://$BUCKET/pitr-c%C"
+    store="[store]
+aws_endpoint = 'http://127.0.0.1:$PROXY_PORT'
+aws_allow_http = 'true'
+aws_access_key_id = '$S3_AK'
+aws_secret_access_key = '$S3_SK'
+aws_region = 'us-east-1'"
+  fi
+  for c in "$CONC" "$CONC_HI"; do
+    for role in push get; do
+      local pg=$STAGE; [ "$role" = get ] && pg=$GSTAGE
+      cat >"$WORK/pitr-$role-c$c.toml" <<EOF
+repo = '${repo//%C/$c}'
+key_file = '$WORK/keyring'
+pgdata = '$pg'
+compression_level = 1
+compression_threads = 0
+archive_concurrency = $c
+prefetch = $PREFETCH
+http_addr = '$HTTP_ADDR'
+store_timeout = 60
+# no Postgres here: the daemon's "recovery over?" check must not reach a real server
+pg_url = 'postgresql://postgres@127.0.0.1:1/postgres'
+$store
+EOF
+    done
+  done
+  {
+    echo "[global]"
+    if [ "$kind" = local ]; then
+      echo "repo1-path=$WORK/pgbr-repo"
+    else
+      cat <<EOF
+repo1-type=s3
+repo1-path=/pgbr
+repo1-s3-bucket=$BUCKET
+repo1-s3-endpoint=127.0.0.1
+repo1-storage-port=$TLS_PORT
+repo1-storage-verify-tls=n
+repo1-s3-uri-style=path
+repo1-s3-region=us-east-1
+repo1-s3-key=$S3_AK
+repo1-s3-key-secret=$S3_SK
+EOF
+    fi
+    cat <<EOF
+repo1-cipher-type=aes-256-cbc
+repo1-cipher-pass=$CIPHER_PASS
+compress-type=zst
+compress-level=1
+archive-async=y
+process-max=2
+spool-path=$WORK/pgbr-spool
+archive-get-queue-max=1GiB
+archive-timeout=120
+lock-path=$WORK/pgbr-lock
+log-path=$WORK/pgbr-log
+log-level-console=warn
+log-level-stderr=warn
+log-level-file=warn
+
+[bench]
+pg1-path=$STAGE
+EOF
+  } >"$WORK/pgbackrest.conf"
+  chown postgres: "$WORK"/*.toml "$WORK/pgbackrest.conf"; chmod 600 "$WORK/pgbackrest.conf"
+}
+PGBR() { echo pgbackrest "--config=$WORK/pgbackrest.conf" --stanza=bench "$@"; }
+
+fresh_dir() { rm -rf "$1"; mkdir -p "$1"; chown postgres: "$1"; }
+stage_pgdata() {   # DIR [ready]: fake PGDATA; with "ready", pg_wal holds the corpus + .ready files
+  rm -rf "$1"; mkdir -p "$1/global" "$1/pg_wal/archive_status"
+  cp "$SRC/global/pg_control" "$1/global/"; cp "$SRC/PG_VERSION" "$1/"
+  if [ "${2:-}" = ready ]; then
+    while read -r s; do ln "$CORPUS/$s" "$1/pg_wal/$s"; : >"$1/pg_wal/archive_status/$s.ready"; done <"$SEGS"
+  fi
+  chown -R postgres: "$1"; chmod 700 "$1"
+}
+fresh_pitr_repo() {   # KIND CONC
+  if [ "$1" = local ]; then fresh_dir "$WORK/pitr-repo-c$2"; else rm -rf "$S3DATA/$BUCKET/pitr-c$2"; fi
+}
+pitr_objects() {   # KIND CONC -> number of WAL objects
+  local d; if [ "$1" = local ]; then d=$WORK/pitr-repo-c$2/wal; else d=$S3DATA/$BUCKET/pitr-c$2/wal; fi
+  find "$d" -type f -name '0*' ! -name '*.s3s*' 2>/dev/null | grep -cE '/[0-9A-F]{24}$' || true
+}
+pitr_bytes() {
+  local d; if [ "$1" = local ]; then d=$WORK/pitr-repo-c$2/wal; else d=$S3DATA/$BUCKET/pitr-c$2/wal; fi
+  find "$d" -type f | grep -E '/[0-9A-F]{24}$' | xargs stat -c %s | awk '{s+=$1} END{print s}'
+}
+pgbr_dir() { if [ "$1" = local ]; then echo "$WORK/pgbr-repo"; else echo "$S3DATA/$BUCKET/pgbr"; fi; }
+fresh_pgbr_repo() {   # KIND
+  if [ "$1" = local ]; then fresh_dir "$WORK/pgbr-repo"; else rm -rf "$S3DATA/$BUCKET/pgbr"; fi
+  fresh_dir "$WORK/pgbr-spool"; fresh_dir "$WORK/pgbr-lock"; fresh_dir "$WORK/pgbr-log"
+  # shellcheck disable=SC2046
+  as_pg $(PGBR) --no-online stanza-create >/dev/null
+}
+pgbr_objects() { find "$(pgbr_dir "$1")/archive" -type f -name '0*-*' | grep -cvE '\.s3s' || true; }
+pgbr_bytes() { find "$(pgbr_dir "$1")/archive" -type f -name '0*-*' | xargs stat -c %s | awk '{s+=$1} END{print s}'; }
+pgbr_wait_idle() {   # the async process outlives the last hook; let it exit before anything else
+  local i; for i in $(seq 1 600); do pgrep -u postgres -x pgbackrest >/dev/null || return 0; sleep 0.1; done
+  die "pgBackRest's async process is still running after 60 s"
+}
+
+# ---------------------------------------------------------------- daemon control
+DAEMON_PID=
+start_daemon() {   # CONF LOG: start as postgres, wait until the hook socket exists
+  local conf=$1 logf=$2 pgdata sock i
+  pgdata=$(sed -n "s/^pgdata = '\(.*\)'$/\1/p" "$conf"); sock=$pgdata/pitr.sock
+  rm -f "$RUN/daemon.pid"
+  runuser -u postgres -- sh -c 'echo $$ >"$1"; exec "$2" --config "$3" daemon' sh \
+    "$RUN/daemon.pid" "$PITR" "$conf" >>"$logf" 2>&1 &
+  DAEMON_JOB=$!
+  for i in $(seq 1 2000); do
+    [ -S "$sock" ] && [ -s "$RUN/daemon.pid" ] && break
+    kill -0 "$DAEMON_JOB" 2>/dev/null || { cat "$logf" >&2; die "the daemon exited at start (log above)"; }
+    sleep 0.005
+  done
+  [ -S "$sock" ] || die "no hook socket at $sock after 10 s (log: $logf)"
+  DAEMON_PID=$(cat "$RUN/daemon.pid")
+}
+stop_daemon() {
+  [ -n "$DAEMON_JOB" ] || return 0
+  kill -TERM "$DAEMON_PID" 2>/dev/null || true
+  wait "$DAEMON_JOB" 2>/dev/null || true
+  DAEMON_JOB= DAEMON_PID=
+}
+daemon_snapshot() {   # LABEL RUN: VmHWM, CPU, /metrics, /status of the running daemon
+  local label=$1 run=$2 hwm cpu m
+  hwm=$(awk '/^VmHWM:/{print $2}' "/proc/$DAEMON_PID/status")
+  cpu=$(awk -v hz="$HZ" '{print ($14+$15)/hz}' "/proc/$DAEMON_PID/stat")
+  m=$OUTDIR/snap/$label.$run; mkdir -p "$OUTDIR/snap"
+  curl -fsS "http://$HTTP_ADDR/metrics" >"$m.metrics" 2>>"$OUTDIR/bench.log" || echo "metrics unavailable" >"$m.metrics"
+  curl -fsS "http://$HTTP_ADDR/status" >"$m.status.json" 2>>"$OUTDIR/bench.log" || echo '{}' >"$m.status.json"
+  metric() { awk -v k="$1" 'index($0, k) == 1 {v=$NF} END{print (v == "" ? 0 : v)}' "$m.metrics"; }
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$run" "$hwm" "$cpu" \
+    "$(metric pitr_prefetch_hits_total)" "$(metric pitr_prefetch_misses_total)" \
+    "$(metric 'pitr_hook_requests_total{result="durable"}')" \
+    "$(metric 'pitr_hook_requests_total{result="waited"}')" \
+    "$(metric 'pitr_hook_requests_total{result="failed"}')" >>"$DRES"
+  echo "$(( hwm / 1024 ))"
+}
+
+# timed window: tstart / tstop around a phase; records wall and machine-wide CPU
+T0= C0=
+tstart() { wait_idle; busy && BUSY_SEEN=1; C0=$(cpu_ticks); T0=$EPOCHREALTIME; }
+tstop() {   # LABEL RUN
+  local t1 c1 w c; t1=$EPOCHREALTIME; c1=$(cpu_ticks)
+  busy && BUSY_SEEN=1
+  w=$(awk -v a="$T0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}')
+  c=$(awk -v a="$C0" -v b="$c1" -v hz="$HZ" 'BEGIN{printf "%.2f", (b-a)/hz}')
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$w" "$c" >>"$RES"
+  LAST_WALL=$w
+}
+run_driver() {   # LABEL DRIVER-ARGS...: as postgres; failure shows the log
+  local label=$1; shift
+  if ! runuser -u postgres -- "$DRIVER" "$@" 2>>"$OUTDIR/bench.log"; then
+    tail -20 "$OUTDIR/bench.log" >&2; die "$label failed (see $OUTDIR/bench.log)"
+  fi
+}
+mibs() { awk -v b="$SEGBYTES" -v w="$1" 'BEGIN{printf "%.0f", b/1048576/w}'; }
+
+# ---------------------------------------------------------------- phases
+limits() {   # physical limits of this machine on the corpus
+  local cat=$WORK/corpus.cat r
+  log "[$TAG] limits: zstd -1 -T1/-T2, zstd -d, fsync'd copy ($RUNS runs)"
+  (cd "$CORPUS" && xargs cat <"$SEGS") >"$cat"
+  zstd -q -1 -T1 -c "$cat" >"$cat.zst"
+  echo "$TAG zstd1_bytes $(stat -c %s "$cat.zst")" >>"$OUTDIR/sizes.txt"
+  cat >"$WORK/fsync_copy.py" <<'EOF'
+import os, shutil, sys
+src, dst, lst = sys.argv[1:4]
+for name in open(lst).read().split():
+    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    fd = os.open(os.path.join(dst, name), os.O_RDONLY); os.fsync(fd); os.close(fd)
+    fd = os.open(dst, os.O_RDONLY); os.fsync(fd); os.close(fd)
+EOF
+  for r in $(seq 1 "$RUNS"); do
+    tstart; zstd -q -1 -T1 -c "$cat" >/dev/null; tstop "$TAG-limit-zstd1-T1" "$r"
+    tstart; zstd -q -1 -T2 -c "$cat" >/dev/null; tstop "$TAG-limit-zstd1-T2" "$r"
+    tstart; zstd -q -d -c "$cat.zst" >/dev/null; tstop "$TAG-limit-zstd-d" "$r"
+    fresh_dir "$WORK/cpcopy"; sync
+    tstart; "$PY" "$WORK/fsync_copy.py" "$CORPUS" "$WORK/cpcopy" "$SEGS"; tstop "$TAG-limit-copy-fsync" "$r"
+  done
+  rm -rf "$WORK/cpcopy" "$cat" "$cat.zst"
+}
+
+push_pgbr() {   # KIND RUN
+  local kind=$1 r=$2 label=$TAG-$1-push-pgbr-async n
+  stage_pgdata "$STAGE" ready; fresh_pgbr_repo "$kind"; sync
+  # shellcheck disable=SC2046
+  tstart; run_driver "$label" push "$SEGS" "$STAGE" $(PGBR); tstop "$label" "$r"
+  pgbr_wait_idle
+  n=$(pgbr_objects "$kind"); [ "$n" -eq "$NSEG" ] || die "$label: pgBackRest archived $n of $NSEG segments"
+  log "$label #$r: ${LAST_WALL}s $(mibs "$LAST_WALL") MiB/s"
+}
+push_pitr() {   # KIND CONC RUN [keep]: with "keep" the daemon stays up (for the latency phase)
+  local kind=$1 c=$2 r=$3 label=$TAG-$1-push-pitr-c$2 n rss
+  stage_pgdata "$STAGE" ready; fresh_pitr_repo "$kind" "$c"; sync
+  tstart
+  start_daemon "$WORK/pitr-push-c$c.toml" "$OUTDIR/daemon-$label.log"
+  run_driver "$label" push "$SEGS" "$STAGE" "$PITR" --config "$WORK/pitr-push-c$c.toml"
+  tstop "$label" "$r"
+  rss=$(daemon_snapshot "$label" "$r")
+  [ "${4:-}" = keep ] || stop_daemon
+  n=$(pitr_objects "$kind" "$c"); [ "$n" -eq "$NSEG" ] || die "$label: pitr stored $n of $NSEG segments"
+  log "$label #$r: ${LAST_WALL}s $(mibs "$LAST_WALL") MiB/s, daemon peak RSS ${rss} MiB"
+}
+verify_get() {   # LABEL
+  local s bad=0
+  while read -r s; do cmp -s "$CORPUS/$s" "$GETDIR/$s" || { log "MISMATCH: $1 $s"; bad=$((bad + 1)); }; done <"$SEGS"
+  [ "$bad" -eq 0 ] || die "$1: $bad of $NSEG restored segments differ from the corpus"
+  log "$1: all $NSEG restored segments identical to the corpus"
+}
+get_pgbr() {   # KIND RUN
+  local kind=$1 r=$2 label=$TAG-$1-get-pgbr-async
+  stage_pgdata "$GSTAGE"; fresh_dir "$GETDIR"; rm -rf "$WORK/pgbr-spool/archive"; sync
+  # shellcheck disable=SC2046
+  tstart; run_driver "$label" get "$SEGS" "$GSTAGE" "$GETDIR" $(PGBR --pg1-path="$GSTAGE"); tstop "$label" "$r"
+  pgbr_wait_idle
+  [ "$r" = 1 ] && verify_get "$label"
+  log "$label #$r: ${LAST_WALL}s $(mibs "$LAST_WALL") MiB/s"
+}
+get_pitr() {   # KIND CONC RUN
+  local kind=$1 c=$2 r=$3 label=$TAG-$1-get-pitr-c$2 rss
+  stage_pgdata "$GSTAGE"; fresh_dir "$GETDIR"; sync
+  tstart
+  start_daemon "$WORK/pitr-get-c$c.toml" "$OUTDIR/daemon-$label.log"
+  run_driver "$label" get "$SEGS" "$GSTAGE" "$GETDIR" "$PITR" --config "$WORK/pitr-get-c$c.toml"
+  tstop "$label" "$r"
+  rss=$(daemon_snapshot "$label" "$r")
+  stop_daemon
+  [ "$r" = 1 ] && verify_get "$label"
+  log "$label #$r: ${LAST_WALL}s $(mibs "$LAST_WALL") MiB/s, daemon peak RSS ${rss} MiB"
+}
+lat() {   # LABEL PGDATA CMD...: LAT_CALLS+1 calls, the first dropped
+  local label=$1 dir=$2 i=0 t; shift 2
+  wait_idle; busy && BUSY_SEEN=1
+  runuser -u postgres -- "$DRIVER" lat $((LAT_CALLS + 1)) "$dir" "$@" 2>>"$OUTDIR/bench.log" >"$WORK/lat.out" \
+    || { tail -5 "$OUTDIR/bench.log" >&2; die "$label failed"; }
+  busy && BUSY_SEEN=1
+  tail -n +2 "$WORK/lat.out" | while read -r t; do i=$((i + 1)); printf '%s\t%s\t%s\n' "$label" "$i" "$t" >>"$LRES"; done
+}
+latency() {   # KIND: the stage and pitr-c$CONC repository of the last push run, daemon still up
+  local kind=$1 p="pg_wal/$MID_SEG" before after
+  log "[$TAG/$kind] hook latency: $LAT_CALLS calls each (+1 warm-up) on $MID_SEG"
+  hook_durable() { curl -fsS "http://$HTTP_ADDR/metrics" | awk '/^pitr_hook_requests_total\{result="durable"\}/{v=$NF} END{print v+0}'; }
+  before=$(hook_durable)
+  lat "$TAG-$kind-lat-pitr-daemon" "$STAGE" "$PITR" --config "$WORK/pitr-push-c$CONC.toml" archive-push "$p"
+  after=$(hook_durable)
+  echo "$TAG $kind lat-pitr-daemon durable_answers $((after - before)) of $((LAT_CALLS + 1))" >>"$OUTDIR/sizes.txt"
+  stop_daemon
+  # without a daemon the hook pushes by itself (reads the stored object back and compares)
+  lat "$TAG-$kind-lat-pitr-direct" "$STAGE" "$PITR" --config "$WORK/pitr-push-c$CONC.toml" archive-push "$p"
+  # shellcheck disable=SC2046
+  lat "$TAG-$kind-lat-pgbr-async" "$STAGE" $(PGBR) archive-push "$p"
+  pgbr_wait_idle
+}
+floors() {
+  lat floor-true "$STAGE" /bin/true
+  lat floor-pitr-version "$STAGE" "$PITR" --version
+  lat floor-pgbackrest-version "$STAGE" pgbackrest version
+}
+
+# ---------------------------------------------------------------- main loop
+log "pitr $("$PITR" --version | cut -d' ' -f2) ($(sha256sum "$PITR" | cut -c1-12)), $(pgbackrest version); corpora: $CORPORA; repos: $REPOS"
+FIRST=1 DONE_CORPORA=
+for spec in $CORPORA; do
+  tag=${spec%%:*} bl=${spec#*:}
+  if [ ! -f "$bl/src/global/pg_control" ] || ! ls "$bl/corpus" 2>/dev/null | grep -qE '^[0-9A-F]{24}$'; then
+    log "corpus $tag ($bl) not built; skipping it"; echo "$tag skipped: no corpus in $bl" >>"$OUTDIR/sizes.txt"; continue
+  fi
+  set_corpus "$tag" "$bl"
+  DONE_CORPORA="$DONE_CORPORA $TAG"
+  echo "$TAG corpus $CORPUS nseg $NSEG bytes $SEGBYTES" >>"$OUTDIR/sizes.txt"
+  log "[$TAG] corpus $CORPUS: $NSEG segments, $SEGBYTES bytes"
+  (cd "$CORPUS" && xargs cat <"$SEGS" >/dev/null)   # hot page cache, for every tool alike
+  limits
+  for kind in $REPOS; do
+    write_configs "$kind"
+    log "[$TAG/$kind] push: $RUNS runs (pgBackRest async p2, pitr daemon c$CONC, c$CONC_HI), interleaved"
+    for r in $(seq 1 "$RUNS"); do
+      push_pgbr "$kind" "$r"
+      push_pitr "$kind" "$CONC_HI" "$r"
+      if [ "$r" = "$RUNS" ]; then push_pitr "$kind" "$CONC" "$r" keep; else push_pitr "$kind" "$CONC" "$r"; fi
+    done
+    echo "$TAG $kind pgbr-async bytes $(pgbr_bytes "$kind")" >>"$OUTDIR/sizes.txt"
+    echo "$TAG $kind pitr bytes $(pitr_bytes "$kind" "$CONC")" >>"$OUTDIR/sizes.txt"
+    latency "$kind"
+    if [ "$FIRST" = 1 ]; then floors; FIRST=0; fi
+    log "[$TAG/$kind] get: $RUNS runs (pgBackRest async p2, pitr daemon prefetch=$PREFETCH c$CONC, c$CONC_HI)"
+    for r in $(seq 1 "$RUNS"); do
+      get_pgbr "$kind" "$r"
+      get_pitr "$kind" "$CONC" "$r"
+      get_pitr "$kind" "$CONC_HI" "$r"
+    done
+    rm -rf "$GETDIR"
+  done
+done
+[ -n "$DONE_CORPORA" ] || die "no corpus found in CORPORA=$CORPORA"
+
+# ---------------------------------------------------------------- summary
+med() {   # FILE LABEL COLUMN -> median
+  awk -F'\t' -v l="$2" -v c="$3" '$1==l{print $c}' "$1" | sort -g \
+    | awk '{v[NR]=$1} END{if(!NR){print "NA"; exit} print (NR%2)?v[(NR+1)/2]:(v[NR/2]+v[NR/2+1])/2}'
+}
+pct() {   # LABEL P -> nearest-rank percentile of latency.tsv, in ms
+  awk -F'\t' -v l="$1" '$1==l{print $3}' "$LRES" | sort -g \
+    | awk -v p="$2" '{v[NR]=$1} END{if(!NR){print "NA"; exit} i=int(NR*p/100+0.999); if(i<1)i=1; printf "%.2f", v[i]*1000}'
+}
+maxcol() { awk -F'\t' -v l="$1" -v c="$2" '$1==l && $c+0>m{m=$c+0} END{print m+0}' "$DRES"; }
+div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; exit} printf "%.2f", a/b}'; }
+{
+  echo "pitr daemon bench  $(date -u '+%Y-%m-%d %H:%M:%SZ')  host $(hostname) ($(nproc) CPUs)"
+  echo "$("$PITR" --version) (sha256 $(sha256sum "$PITR" | cut -c1-12)); $(pgbackrest version); runs=$RUNS (medians)"
+  echo "pgBackRest: archive-async=y process-max=2 zst-1 aes-256-cbc spool-path.  pitr daemon: archive_concurrency=c, compression_level=1,"
+  echo "compression_threads=0, keyring (AES-256-GCM), prefetch=$PREFETCH.  S3 (if run): s3s-fs on loopback, +${DELAY_MS} ms each way (20 ms RTT at ${DELAY_MS})."
+  [ "$WAITED_S" -gt 0 ] && echo "note: waited $WAITED_S s in total for cargo/rustc to finish before timed phases"
+  [ "$BUSY_SEEN" = 1 ] && echo "WARNING: a cargo/rustc process was running during some measurements; figures are pessimistic"
+  for TAG in $DONE_CORPORA; do
+    read -r _ _ _ _ NSEG _ SEGBYTES < <(grep "^$TAG corpus " "$OUTDIR/sizes.txt")
+    MIB=$(awk -v b="$SEGBYTES" 'BEGIN{printf "%.1f", b/1048576}')
+    rate() { local m; m=$(med "$RES" "$1" 3); [ "$m" = NA ] && { echo NA; return; }; awk -v b="$SEGBYTES" -v m="$m" 'BEGIN{printf "%.0f", b/1048576/m}'; }
+    z1=$(rate "$TAG-limit-zstd1-T1") z2=$(rate "$TAG-limit-zstd1-T2") zd=$(rate "$TAG-limit-zstd-d") cp=$(rate "$TAG-limit-copy-fsync")
+    zb=$(awk -v t="$TAG" '$1==t && $2=="zstd1_bytes"{print $3}' "$OUTDIR/sizes.txt")
+    echo
+    echo "== corpus $TAG: $NSEG segments, $MIB MiB, zstd -1 ratio $(div "$SEGBYTES" "$zb")"
+    echo "limits (MiB/s of WAL): zstd -1 one core $z1, two cores $z2 (push limit); fsync'd copy $cp (get limit); zstd -d one core $zd"
+    printf '%-6s %-5s %-11s %8s %8s %7s %7s %8s %8s %9s\n' repo op tool median_s MiB/s cpu_s rss_MiB vs_pgbr of_limit hits/miss
+    for kind in $REPOS; do
+      for op in push get; do
+        base=$(rate "$TAG-$kind-$op-pgbr-async")
+        lim=$z2; [ "$op" = get ] && lim=$cp
+        for tool in pgbr-async "pitr-c$CONC" "pitr-c$CONC_HI"; do
+          l=$TAG-$kind-$op-$tool
+          m=$(med "$RES" "$l" 3); [ "$m" = NA ] && continue
+          v=$(rate "$l")
+          rss=-; hm=-
+          case $tool in pitr*)
+            rss=$(awk -v k="$(maxcol "$l" 3)" 'BEGIN{printf "%.0f", k/1024}')
+            [ "$op" = get ] && hm="$(med "$DRES" "$l" 5)/$(med "$DRES" "$l" 6)";;
+          esac
+          printf '%-6s %-5s %-11s %8.2f %8s %7s %7s %8s %8s %9s\n' "$kind" "$op" "$tool" "$m" "$v" \
+            "$(med "$RES" "$l" 4)" "$rss" "$( [ "$tool" = pgbr-async ] && echo - || div "$v" "$base")" \
+            "$( [ "$kind" = local ] && awk -v a="$v" -v b="$lim" 'BEGIN{printf "%.0f%%", 100*a/b}' || echo -)" "$hm"
+        done
+      done
+      echo "$kind repository bytes: pgBackRest $(awk -v t="$TAG" -v k="$kind" '$1==t && $2==k && $3=="pgbr-async"{print $5}' "$OUTDIR/sizes.txt"), pitr $(awk -v t="$TAG" -v k="$kind" '$1==t && $2==k && $3=="pitr"{print $5}' "$OUTDIR/sizes.txt")"
+    done
+    echo
+    printf '%-34s %8s %8s %8s\n' "hook latency, archived segment" p50_ms p99_ms max_ms
+    for kind in $REPOS; do
+      for l in "$TAG-$kind-lat-pitr-daemon" "$TAG-$kind-lat-pitr-direct" "$TAG-$kind-lat-pgbr-async"; do
+        printf '%-34s %8s %8s %8s\n' "$l" "$(pct "$l" 50)" "$(pct "$l" 99)" "$(pct "$l" 100)"
+      done
+    done
+  done
+  echo
+  for l in floor-true floor-pitr-version floor-pgbackrest-version; do
+    printf '%-34s %8s %8s %8s\n' "$l" "$(pct "$l" 50)" "$(pct "$l" 99)" "$(pct "$l" 100)"
+  done
+  echo
+  echo "MiB/s = corpus bytes / median wall time (start of daemon or first hook -> last hook returned);"
+  echo "vs_pgbr = pitr MiB/s / pgBackRest MiB/s; of_limit = MiB/s / (zstd -1 -T2 for push, fsync'd copy for get);"
+  echo "cpu_s = machine-wide busy CPU seconds in the window; rss_MiB = max VmHWM of the daemon over the runs;"
+  echo "hits/miss = median prefetch hits / misses per get run. Per-run rows: results.tsv, daemon.tsv, latency.tsv."
+} | tee "$OUTDIR/summary.txt"

@@ -1,0 +1,132 @@
+//! Base backups: what a backup is (its manifest), where it lives, and the catalog of them.
+//!
+//! A backup's file data lives in content-addressed chunks under `chunks/`, shared by every
+//! backup that holds the same bytes, so a second backup uploads only what changed. Its manifest
+//! (`backups/<id>/manifest`) lists every file with its size, checksum and chunks, plus the LSNs,
+//! timeline and times recovery needs. The manifest is written last, through the envelope like
+//! everything else: a backup without one does not exist. The catalog is the list of manifests.
+
+pub mod page_checksum;
+pub mod take;
+
+use std::fmt;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::keyring::Keyring;
+use crate::repository::Repository;
+use crate::wal::{Lsn, SystemIdentifier, TimelineId};
+
+pub const BACKUP_PREFIX: &str = "backups";
+pub const CHUNK_PREFIX: &str = "chunks";
+/// Files are cut into chunks of this size; a changed page re-uploads only its chunk.
+pub const CHUNK_SIZE: usize = 1 << 20;
+
+/// A backup's id: its start time, `20261122T034512Z`, which also sorts by age.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BackupId(pub String);
+
+impl BackupId {
+    pub fn from_time(time: chrono::DateTime<chrono::Utc>) -> Self {
+        BackupId(time.format("%Y%m%dT%H%M%SZ").to_string())
+    }
+
+    pub fn manifest_key(&self) -> String {
+        format!("{BACKUP_PREFIX}/{}/manifest", self.0)
+    }
+}
+
+impl fmt::Display for BackupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The id of a chunk: a keyed BLAKE3 hash of its content, so that chunk names reveal nothing
+/// about the data to someone without the keyring.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ChunkId(pub String);
+
+impl ChunkId {
+    pub fn of(content: &[u8], keyring: Option<&Keyring>) -> Self {
+        let hash = match keyring {
+            Some(keyring) => {
+                let key = blake3::derive_key(
+                    "pitr chunk id v1",
+                    &keyring.newest().check_value_material(),
+                );
+                blake3::keyed_hash(&key, content)
+            }
+            None => blake3::hash(content),
+        };
+        ChunkId(hash.to_hex().to_string())
+    }
+
+    pub fn key(&self) -> String {
+        format!("{CHUNK_PREFIX}/{}/{}", &self.0[..2], self.0)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Relative to the data directory, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+    /// BLAKE3 of the whole file as backed up.
+    pub checksum: String,
+    pub chunks: Vec<ChunkId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub id: BackupId,
+    pub label: String,
+    pub system_identifier: SystemIdentifier,
+    pub pg_version: u32,
+    pub timeline: TimelineId,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Lsn,
+    pub start_time: chrono::DateTime<chrono::Utc>,
+    pub stop_time: chrono::DateTime<chrono::Utc>,
+    pub logical_bytes: u64,
+    pub uploaded_bytes: u64,
+    pub reused_chunks: u64,
+    pub new_chunks: u64,
+    /// The backup whose chunks this one reused, if any.
+    pub based_on: Option<BackupId>,
+    pub directories: Vec<String>,
+    pub files: Vec<ManifestFile>,
+    pub backup_label: String,
+    pub tablespace_map: Option<String>,
+}
+
+impl Manifest {
+    pub fn incremental(&self) -> bool {
+        self.reused_chunks > 0
+    }
+}
+
+/// Every complete backup, oldest first.
+pub async fn catalog(repository: &Repository) -> Result<Vec<Manifest>> {
+    let mut manifests = Vec::new();
+    for meta in repository.list(BACKUP_PREFIX).await? {
+        let key = repository.relative_key(&meta).to_string();
+        if !key.ends_with("/manifest") {
+            continue;
+        }
+        let bytes = repository
+            .read_bytes(&key)
+            .await?
+            .with_context(|| format!("{key} disappeared while listing backups"))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{key} is not a valid manifest"))?;
+        manifests.push(manifest);
+    }
+    manifests.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(manifests)
+}

@@ -1,0 +1,419 @@
+//! `pitr backup`: an online base backup through the non-exclusive backup API.
+//!
+//! The backup session (`pg_backup_start` … `pg_backup_stop`) is held open on one connection
+//! while the sidecar reads PGDATA itself with parallel readers. Each file is cut into 1 MiB
+//! chunks; a chunk whose id the repository already holds is referenced, not uploaded again.
+//! Page checksums are verified as the files are read. `backup_label` and `tablespace_map` come
+//! from `pg_backup_stop` and go into the manifest, which is written last.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::page_checksum::{self, BLOCKS_PER_SEGMENT, PAGE_SIZE};
+use super::{BackupId, CHUNK_SIZE, ChunkId, Manifest, ManifestFile, catalog};
+use crate::config::Settings;
+use crate::envelope::EncodeOptions;
+use crate::repository::{Identity, PutOutcome, Repository, check_same_cluster};
+use crate::wal::{self, Lsn, TimelineId};
+
+/// Directories whose contents Postgres documents as safe to omit (they are recreated or
+/// meaningless after a restore); the directories themselves are kept.
+const EMPTIED_DIRECTORIES: [&str; 9] = [
+    "pg_wal",
+    "pg_replslot",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+    "pg_wal/archive_status",
+];
+const SKIPPED_FILES: [&str; 8] = [
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "tablespace_map",
+    "recovery.signal",
+    "standby.signal",
+    "pitr.sock",
+    "backup_label.old",
+];
+
+pub struct BackupOptions {
+    pub label: Option<String>,
+    pub ignore_checksum_failures: bool,
+    pub concurrency: usize,
+}
+
+struct Shared {
+    repository: Repository,
+    encode: EncodeOptions,
+    known_chunks: HashSet<ChunkId>,
+    claimed_chunks: Mutex<HashSet<ChunkId>>,
+    start_lsn: Lsn,
+    verify_pages: bool,
+    uploaded_bytes: AtomicU64,
+    read_bytes: AtomicU64,
+    reused_chunks: AtomicU64,
+    new_chunks: AtomicU64,
+    corrupt_pages: Mutex<Vec<String>>,
+}
+
+pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifest> {
+    let repository = Repository::open(settings)?;
+    let pgdata = std::path::absolute(&settings.pgdata)?;
+    let local = wal::control_file_system_identifier(&pgdata)
+        .with_context(|| format!("{} is not a PostgreSQL data directory (no global/pg_control); set --pgdata or PITR_PGDATA", pgdata.display()))?;
+    let header = wal::any_segment_header(&pgdata.join("pg_wal")).with_context(|| {
+        format!(
+            "{} holds no valid WAL segment to identify the cluster by",
+            pgdata.join("pg_wal").display()
+        )
+    })?;
+    let expected = Identity::new(
+        header.system_identifier,
+        header.pg_version,
+        header.segment_size,
+        repository.keyring(),
+    );
+    let identity = repository.ensure_identity(&expected).await?;
+    check_same_cluster(&repository.url, &identity, local)?;
+    let previous = catalog(&repository).await?;
+    let known_chunks: HashSet<ChunkId> = previous
+        .iter()
+        .flat_map(|manifest| {
+            manifest
+                .files
+                .iter()
+                .flat_map(|file| file.chunks.iter().cloned())
+        })
+        .collect();
+
+    let client = crate::postgres::connect(settings, Duration::from_secs(30)).await?;
+    let version: i32 = client
+        .query_one("select current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    let checksums: String = client
+        .query_one("select current_setting('data_checksums')", &[])
+        .await?
+        .get(0);
+    let start_time = chrono::Utc::now();
+    let id = BackupId::from_time(start_time);
+    let label = options
+        .label
+        .clone()
+        .unwrap_or_else(|| format!("pitr backup {id}"));
+    let start_sql = if version >= 150000 {
+        "select pg_backup_start($1, true)::text"
+    } else {
+        "select pg_start_backup($1, true, false)::text"
+    };
+    let start_lsn: Lsn = client
+        .query_one(start_sql, &[&label])
+        .await?
+        .get::<_, String>(0)
+        .parse()?;
+    tracing::info!(backup = %id, start_lsn = %start_lsn, "backup started");
+
+    let (directories, files) = walk(&pgdata)?;
+    let logical_bytes = files.iter().map(|(_, _, size)| size).sum::<u64>();
+    let shared = Arc::new(Shared {
+        repository,
+        encode: EncodeOptions {
+            compression_level: settings.compression_level,
+            compression_workers: 0,
+            ..EncodeOptions::default()
+        },
+        known_chunks,
+        claimed_chunks: Mutex::new(HashSet::new()),
+        start_lsn,
+        verify_pages: checksums == "on",
+        uploaded_bytes: AtomicU64::new(0),
+        read_bytes: AtomicU64::new(0),
+        reused_chunks: AtomicU64::new(0),
+        new_chunks: AtomicU64::new(0),
+        corrupt_pages: Mutex::new(Vec::new()),
+    });
+    let progress = tokio::spawn(report_progress(Arc::clone(&shared), logical_bytes));
+    let results: Vec<Result<Option<ManifestFile>>> = futures::stream::iter(files)
+        .map(|(path, relative, _)| backup_file(Arc::clone(&shared), path, relative))
+        .buffer_unordered(options.concurrency.max(1))
+        .collect()
+        .await;
+    progress.abort();
+    let mut manifest_files = Vec::new();
+    for result in results {
+        if let Some(file) = result? {
+            manifest_files.push(file);
+        }
+    }
+    manifest_files.sort_by(|a, b| a.path.cmp(&b.path));
+
+    let corrupt = shared.corrupt_pages.lock().unwrap().clone();
+    if !corrupt.is_empty() && !options.ignore_checksum_failures {
+        bail!(
+            "page checksum verification failed for {} page(s): {}; the backup was not recorded. Repair the corruption, or pass --ignore-checksum-failures to keep the backup anyway",
+            corrupt.len(),
+            corrupt
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for page in &corrupt {
+        tracing::warn!("page checksum failure kept in the backup: {page}");
+    }
+
+    let stop_sql = if version >= 150000 {
+        "select lsn::text, labelfile, spcmapfile from pg_backup_stop(true)"
+    } else {
+        "select lsn::text, labelfile, spcmapfile from pg_stop_backup(false, true)"
+    };
+    let stop = client
+        .query_one(stop_sql, &[])
+        .await
+        .context("pg_backup_stop failed")?;
+    let stop_lsn: Lsn = stop.get::<_, String>(0).parse()?;
+    let backup_label: String = stop.get(1);
+    let tablespace_map: Option<String> = stop
+        .get::<_, Option<String>>(2)
+        .filter(|map| !map.is_empty());
+    let stop_time = chrono::Utc::now();
+    let timeline = label_field(&backup_label, "START TIMELINE:")
+        .and_then(|value| value.parse().ok())
+        .map(TimelineId)
+        .context("backup_label has no START TIMELINE")?;
+
+    let manifest = Manifest {
+        format_version: 1,
+        id: id.clone(),
+        label,
+        system_identifier: local,
+        pg_version: (version / 10000) as u32,
+        timeline,
+        start_lsn,
+        stop_lsn,
+        start_time,
+        stop_time,
+        logical_bytes,
+        uploaded_bytes: shared.uploaded_bytes.load(Ordering::Relaxed),
+        reused_chunks: shared.reused_chunks.load(Ordering::Relaxed),
+        new_chunks: shared.new_chunks.load(Ordering::Relaxed),
+        based_on: previous.last().map(|manifest| manifest.id.clone()),
+        directories,
+        files: manifest_files,
+        backup_label,
+        tablespace_map,
+    };
+    let bytes = serde_json::to_vec(&manifest)?;
+    if shared
+        .repository
+        .put_bytes(&id.manifest_key(), Bytes::from(bytes), &shared.encode)
+        .await?
+        != PutOutcome::Created
+    {
+        bail!("a backup named {id} already exists; wait a second and retry");
+    }
+    Ok(manifest)
+}
+
+/// Every directory and regular file to back up: (absolute path, relative path, size).
+#[allow(clippy::type_complexity)]
+fn walk(pgdata: &Path) -> Result<(Vec<String>, Vec<(PathBuf, String, u64)>)> {
+    let mut directories = Vec::new();
+    let mut files = Vec::new();
+    let mut pending = vec![(pgdata.to_path_buf(), String::new())];
+    while let Some((directory, relative)) = pending.pop() {
+        let entries = match std::fs::read_dir(&directory) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => {
+                return Err(error).with_context(|| format!("reading {}", directory.display()));
+            }
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let child_relative = if relative.is_empty() {
+                name.clone()
+            } else {
+                format!("{relative}/{name}")
+            };
+            if name.starts_with("pgsql_tmp")
+                || name == "pg_internal.init"
+                || (relative.is_empty() && SKIPPED_FILES.contains(&name.as_str()))
+            {
+                continue;
+            }
+            // Tablespaces are symlinks in pg_tblspc; follow them, and store their files in place.
+            let metadata = match std::fs::metadata(entry.path()) {
+                Ok(metadata) => metadata,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => {
+                    return Err(error)
+                        .with_context(|| format!("reading {}", entry.path().display()));
+                }
+            };
+            if metadata.is_dir() {
+                directories.push(child_relative.clone());
+                if !EMPTIED_DIRECTORIES.contains(&child_relative.as_str()) {
+                    pending.push((entry.path(), child_relative));
+                }
+            } else if metadata.is_file() {
+                files.push((entry.path(), child_relative, metadata.len()));
+            }
+        }
+    }
+    directories.sort();
+    files.sort_by(|a, b| b.2.cmp(&a.2));
+    Ok((directories, files))
+}
+
+/// Reads one file chunk by chunk, verifying pages and uploading the chunks the repository lacks.
+/// A file dropped while the backup runs is simply absent: WAL replay removes it anyway.
+async fn backup_file(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    relative: String,
+) -> Result<Option<ManifestFile>> {
+    let mut file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    };
+    let mode = file.metadata()?.mode() & 0o7777;
+    let relation_segment =
+        page_checksum::relation_segment(&relative).filter(|_| shared.verify_pages);
+    let mut hasher = blake3::Hasher::new();
+    let mut chunks = Vec::new();
+    let mut size = 0u64;
+    let mut index = 0u64;
+    loop {
+        let (returned, chunk) = tokio::task::spawn_blocking(move || {
+            let mut chunk = vec![0u8; CHUNK_SIZE];
+            let filled = read_full(&mut file, &mut chunk);
+            filled.map(|filled| {
+                chunk.truncate(filled);
+                (file, chunk)
+            })
+        })
+        .await?
+        .with_context(|| format!("reading {}", path.display()))?;
+        file = returned;
+        if chunk.is_empty() && index > 0 {
+            break;
+        }
+        if let Some(segment) = relation_segment {
+            verify_pages(&shared, &relative, segment, index, &chunk);
+        }
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        shared
+            .read_bytes
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        let last = chunk.len() < CHUNK_SIZE;
+        chunks.push(store_chunk(&shared, chunk).await?);
+        index += 1;
+        if last {
+            break;
+        }
+    }
+    Ok(Some(ManifestFile {
+        path: relative,
+        size,
+        mode,
+        checksum: hasher.finalize().to_hex().to_string(),
+        chunks,
+    }))
+}
+
+async fn store_chunk(shared: &Shared, chunk: Vec<u8>) -> Result<ChunkId> {
+    let id = ChunkId::of(&chunk, shared.repository.keyring());
+    if shared.known_chunks.contains(&id) {
+        shared.reused_chunks.fetch_add(1, Ordering::Relaxed);
+        return Ok(id);
+    }
+    if !shared.claimed_chunks.lock().unwrap().insert(id.clone()) {
+        return Ok(id);
+    }
+    shared.new_chunks.fetch_add(1, Ordering::Relaxed);
+    let length = chunk.len() as u64;
+    if shared
+        .repository
+        .put_bytes(&id.key(), Bytes::from(chunk), &shared.encode)
+        .await?
+        == PutOutcome::Created
+    {
+        shared.uploaded_bytes.fetch_add(length, Ordering::Relaxed);
+    }
+    Ok(id)
+}
+
+fn verify_pages(shared: &Shared, relative: &str, segment: u32, chunk_index: u64, chunk: &[u8]) {
+    let first_block =
+        segment as u64 * BLOCKS_PER_SEGMENT as u64 + chunk_index * (CHUNK_SIZE / PAGE_SIZE) as u64;
+    for (offset, page) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
+        let block = (first_block + offset as u64) as u32;
+        let page: &[u8; PAGE_SIZE] = page.try_into().expect("chunks_exact yields whole pages");
+        if page_checksum::page_is_corrupt(page, block, shared.start_lsn.0) {
+            let in_file = block - segment * BLOCKS_PER_SEGMENT;
+            shared
+                .corrupt_pages
+                .lock()
+                .unwrap()
+                .push(format!("{relative} block {in_file}"));
+        }
+    }
+}
+
+async fn report_progress(shared: Arc<Shared>, total: u64) {
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let done = shared.read_bytes.load(Ordering::Relaxed);
+        let rate = done as f64 / started.elapsed().as_secs_f64() / 1048576.0;
+        tracing::info!(
+            "backup: {} of {} MiB read ({rate:.0} MiB/s), {} MiB uploaded",
+            done >> 20,
+            total >> 20,
+            shared.uploaded_bytes.load(Ordering::Relaxed) >> 20
+        );
+    }
+}
+
+fn read_full(file: &mut std::fs::File, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read(&mut buffer[filled..])? {
+            0 => break,
+            count => filled += count,
+        }
+    }
+    Ok(filled)
+}
+
+/// A `KEY: value` line of a backup_label.
+pub fn label_field<'a>(label: &'a str, key: &str) -> Option<&'a str> {
+    label
+        .lines()
+        .find_map(|line| line.strip_prefix(key))
+        .map(str::trim)
+}
+
+/// Restored files get their recorded mode back; Postgres insists on 0700/0600 data directories.
+pub fn permissions(mode: u32) -> std::fs::Permissions {
+    std::fs::Permissions::from_mode(mode)
+}

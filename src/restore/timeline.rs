@@ -1,0 +1,123 @@
+//! Timeline history and WAL coverage: which segments recovery will need, on which timeline,
+//! and whether the archive holds every one of them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Result, bail};
+
+use crate::wal::{Lsn, SegmentName, TimelineId, WalSegmentSize};
+
+/// The timelines recovery walks through to reach a target timeline, oldest first, each with the
+/// LSN where it begins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimelinePath(pub Vec<(TimelineId, Lsn)>);
+
+impl TimelinePath {
+    /// Builds the path of `target` from its history file (`None` for a timeline without one).
+    pub fn from_history(target: TimelineId, history: Option<&str>) -> Result<Self> {
+        let mut path = Vec::new();
+        let mut begin = Lsn(0);
+        for line in history.unwrap_or_default().lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut fields = line.split_whitespace();
+            let (Some(parent), Some(switch)) = (fields.next(), fields.next()) else {
+                bail!("timeline history line '{line}' is malformed");
+            };
+            let parent = TimelineId(parent.parse()?);
+            path.push((parent, begin));
+            begin = switch.parse()?;
+        }
+        path.push((target, begin));
+        Ok(TimelinePath(path))
+    }
+
+    pub fn contains(&self, timeline: TimelineId) -> bool {
+        self.0.iter().any(|(id, _)| *id == timeline)
+    }
+
+    /// The timeline whose copy of segment `number` recovery reads: the newest one that has
+    /// begun by that segment (as Postgres's XLogFileReadAnyTLI chooses).
+    pub fn timeline_of(&self, number: u64, size: WalSegmentSize) -> TimelineId {
+        self.0
+            .iter()
+            .rev()
+            .find(|(_, begin)| begin.0 / u64::from(size.0) <= number)
+            .map(|(id, _)| *id)
+            .unwrap_or(self.0[0].0)
+    }
+}
+
+/// The archived segment numbers per timeline.
+pub type ArchivedSegments = BTreeMap<TimelineId, BTreeSet<u64>>;
+
+/// Checks that every segment from `first` through `last` is archived on the path, and returns
+/// the first missing one otherwise. With `last = None`, checks up to the end of the archive
+/// and returns the last segment found.
+pub fn check_coverage(
+    archived: &ArchivedSegments,
+    path: &TimelinePath,
+    size: WalSegmentSize,
+    first: u64,
+    last: Option<u64>,
+) -> Result<u64, SegmentName> {
+    let has = |number: u64| {
+        let timeline = path.timeline_of(number, size);
+        (
+            archived
+                .get(&timeline)
+                .is_some_and(|set| set.contains(&number)),
+            timeline,
+        )
+    };
+    let newest_archived = path
+        .0
+        .iter()
+        .filter_map(|(timeline, _)| archived.get(timeline)?.iter().next_back().copied())
+        .max()
+        .unwrap_or(0);
+    let end = last.unwrap_or(newest_archived.max(first));
+    for number in first..=end {
+        let (present, timeline) = has(number);
+        if !present {
+            // At the end of the archive, running out is expected; before it, it is a gap.
+            if last.is_none() && number > newest_archived {
+                return Ok(number - 1);
+            }
+            return Err(SegmentName::from_segment_number(timeline, number, size));
+        }
+    }
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIZE: WalSegmentSize = WalSegmentSize(16 << 20);
+
+    #[test]
+    fn a_promoted_timeline_takes_over_from_its_switch_segment() {
+        let path = TimelinePath::from_history(
+            TimelineId(2),
+            Some("1\t0/5000060\tno recovery target specified\n"),
+        )
+        .unwrap();
+        assert_eq!(path.timeline_of(4, SIZE), TimelineId(1));
+        assert_eq!(path.timeline_of(5, SIZE), TimelineId(2));
+        let mut archived = ArchivedSegments::new();
+        archived.insert(TimelineId(1), (1..=5).collect());
+        archived.insert(TimelineId(2), (5..=8).collect());
+        assert_eq!(check_coverage(&archived, &path, SIZE, 2, None), Ok(8));
+        archived.get_mut(&TimelineId(2)).unwrap().remove(&6);
+        assert_eq!(
+            check_coverage(&archived, &path, SIZE, 2, None)
+                .unwrap_err()
+                .to_string(),
+            "000000020000000000000006"
+        );
+        assert_eq!(check_coverage(&archived, &path, SIZE, 2, Some(5)), Ok(5));
+    }
+}

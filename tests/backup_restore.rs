@@ -1,0 +1,510 @@
+//! Base backups and point-in-time restore against a real PostgreSQL 15: restores land exactly on
+//! the target (time, LSN, xid, restore point, immediate), follow timeline switches, deduplicate
+//! unchanged data, reuse files with --delta, and refuse bad input before touching anything.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::{Cluster, Workspace, pg15_available, stderr_of};
+
+/// A primary archiving into an encrypted file:// repository, with a ledger of one row per
+/// transaction and a backup taken in the middle of the writes.
+struct Ledger {
+    workspace: Workspace,
+    primary: Cluster,
+    config: PathBuf,
+    repository: PathBuf,
+    /// (id, xid, commit time as Postgres prints it in UTC, LSN right after the commit)
+    commits: Vec<(u32, String, String, String)>,
+    rows_at_backup: usize,
+    restore_point_after: usize,
+}
+
+impl Ledger {
+    fn new() -> Self {
+        let workspace = Workspace::new();
+        let keyring = workspace.keygen("keyring");
+        let repository = workspace.path("repo");
+        let config = workspace.write_config(
+            "pitr.toml",
+            &format!(
+                "repo = 'file://{}'\nkey_file = '{}'\npgdata = '{}'\nstore_timeout = 30\n",
+                repository.display(),
+                keyring.display(),
+                workspace.path("primary").display()
+            ),
+        );
+        let archive_command = format!(
+            "{} --config {} archive-push %p",
+            workspace.pitr.display(),
+            config.display()
+        );
+        let mut primary = Cluster::init_with(
+            &workspace,
+            "primary",
+            &format!(
+                "wal_level = replica\narchive_mode = on\narchive_command = '{archive_command}'\ntrack_commit_timestamp = on\ntimezone = 'UTC'"
+            ),
+            &["--data-checksums"],
+        );
+        primary.start();
+        primary.sql("create table ledger (id int primary key, note text)");
+        let mut ledger = Ledger {
+            workspace,
+            primary,
+            config,
+            repository,
+            commits: Vec::new(),
+            rows_at_backup: 0,
+            restore_point_after: 0,
+        };
+        ledger.write(1..=20);
+        ledger.rows_at_backup = 20;
+        ledger.backup();
+        ledger.write(21..=30);
+        ledger
+            .primary
+            .sql("select pg_create_restore_point('before_31')");
+        ledger.restore_point_after = 30;
+        ledger.write(31..=45);
+        ledger.primary.sql("select pg_switch_wal()");
+        ledger.primary.wait_for(
+            "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
+            "0",
+            Duration::from_secs(60),
+        );
+        ledger
+    }
+
+    fn write(&mut self, ids: std::ops::RangeInclusive<u32>) {
+        for id in ids {
+            self.primary
+                .sql(&format!("insert into ledger values ({id}, 'row {id}')"));
+            let row = self.primary.sql(&format!(
+                "select xmin::text, to_char(pg_xact_commit_timestamp(xmin), 'YYYY-MM-DD HH24:MI:SS.US'), pg_current_wal_lsn() from ledger where id = {id}"
+            ));
+            let fields: Vec<&str> = row.split('|').collect();
+            self.commits
+                .push((id, fields[0].into(), fields[1].into(), fields[2].into()));
+            std::thread::sleep(Duration::from_millis(15));
+        }
+    }
+
+    fn backup(&self) -> String {
+        let output = self.workspace.pitr_with_env(
+            &self.config,
+            &["backup"],
+            &self.primary.libpq_environment(),
+        );
+        assert!(
+            output.status.success(),
+            "backup failed: {}",
+            stderr_of(&output)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Restores into a fresh directory, starts it on its own port and returns the ids present.
+    fn restore(&self, name: &str, arguments: &[&str]) -> Vec<u32> {
+        let data = self.workspace.path(name);
+        let mut command = vec!["restore", "--pgdata", data.to_str().unwrap()];
+        command.extend_from_slice(arguments);
+        let output = self.workspace.pitr(&self.config, &command);
+        assert!(
+            output.status.success(),
+            "restore {arguments:?}: {}",
+            stderr_of(&output)
+        );
+        let mut cluster = Cluster::existing(&self.workspace, name);
+        cluster.append_settings("archive_mode = off");
+        cluster.start();
+        cluster.wait_for("select pg_is_in_recovery()", "f", Duration::from_secs(120));
+        let ids =
+            cluster.sql("select coalesce(string_agg(id::text, ',' order by id), '') from ledger");
+        cluster.stop();
+        ids.split(',')
+            .filter(|id| !id.is_empty())
+            .map(|id| id.parse().unwrap())
+            .collect()
+    }
+
+    fn ids_through(&self, last: u32) -> Vec<u32> {
+        (1..=last).collect()
+    }
+}
+
+/// A timestamp halfway between two commit times, with its zone.
+fn between(before: &str, after: &str) -> String {
+    let parse =
+        |text: &str| chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.6f").unwrap();
+    let middle = parse(before) + (parse(after) - parse(before)) / 2;
+    format!("{}+00", middle.format("%Y-%m-%d %H:%M:%S%.6f"))
+}
+
+#[test]
+fn restores_land_exactly_on_every_kind_of_target() {
+    if !pg15_available() {
+        return;
+    }
+    let ledger = Ledger::new();
+    let commit = |id: u32| &ledger.commits[id as usize - 1];
+
+    let target = between(&commit(33).2, &commit(34).2);
+    assert_eq!(
+        ledger.restore("time_between", &["--target-time", &target]),
+        ledger.ids_through(33)
+    );
+
+    let exact = format!("{}+00", commit(25).2);
+    assert_eq!(
+        ledger.restore("time_equal", &["--target-time", &exact]),
+        ledger.ids_through(25),
+        "inclusive by default"
+    );
+    assert_eq!(
+        ledger.restore(
+            "time_exclusive",
+            &["--target-time", &exact, "--target-exclusive"]
+        ),
+        ledger.ids_through(24)
+    );
+
+    assert_eq!(
+        ledger.restore("lsn", &["--target-lsn", &commit(38).3]),
+        ledger.ids_through(38)
+    );
+    assert_eq!(
+        ledger.restore("xid", &["--target-xid", &commit(27).1]),
+        ledger.ids_through(27)
+    );
+    assert_eq!(
+        ledger.restore("name", &["--target-name", "before_31"]),
+        ledger.ids_through(ledger.restore_point_after as u32)
+    );
+    assert_eq!(
+        ledger.restore("immediate", &["--target", "immediate"]),
+        ledger.ids_through(ledger.rows_at_backup as u32)
+    );
+    assert_eq!(ledger.restore("end", &[]), ledger.ids_through(45));
+}
+
+#[test]
+fn restore_refuses_bad_input_before_downloading() {
+    if !pg15_available() {
+        return;
+    }
+    let ledger = Ledger::new();
+    let workspace = &ledger.workspace;
+    let restore = |name: &str, arguments: &[&str]| {
+        let data = workspace.path(name);
+        let mut command = vec!["restore", "--pgdata", data.to_str().unwrap()];
+        command.extend_from_slice(arguments);
+        let output = workspace.pitr(&ledger.config, &command);
+        assert_eq!(output.status.code(), Some(1), "{}", stderr_of(&output));
+        assert!(
+            !data.join("global/pg_control").exists(),
+            "a refused restore must not leave a startable cluster"
+        );
+        stderr_of(&output)
+    };
+
+    assert_eq!(
+        restore("zoneless", &["--target-time", "2026-11-20 14:30:00"]),
+        "pitr restore: error: timestamp '2026-11-20 14:30:00' has no time zone; add one, for example '2026-11-20 14:30:00+00'"
+    );
+    let message = restore("too_early", &["--target-time", "2000-01-01 00:00:00+00"]);
+    assert!(message.starts_with("pitr restore: error: time 2000-01-01 00:00:00.000000+00:00 is before the end of the earliest backup ("), "{message}");
+    let message = restore("too_late", &["--target-time", "2099-01-01 00:00:00+00"]);
+    assert!(
+        message.contains("is later than the end of the archive (the newest WAL was archived at "),
+        "{message}"
+    );
+    assert!(message.ends_with("restore without a target to reach the end of the archive, or wait until more WAL is archived"), "{message}");
+
+    let occupied = workspace.path("occupied");
+    std::fs::create_dir(&occupied).unwrap();
+    std::fs::write(occupied.join("stale"), "x").unwrap();
+    workspace.give_to_postgres(&occupied);
+    assert_eq!(
+        restore("occupied", &[]),
+        format!(
+            "pitr restore: error: {} is not empty; restore into an empty directory, or pass --delta to reuse the files that match",
+            occupied.display()
+        )
+    );
+
+    let other_keyring = workspace.keygen("other-keyring");
+    let wrong = workspace.write_config(
+        "wrong.toml",
+        &format!(
+            "repo = 'file://{}'\nkey_file = '{}'\n",
+            ledger.repository.display(),
+            other_keyring.display()
+        ),
+    );
+    let data = workspace.path("wrong_key");
+    let output = workspace.pitr(&wrong, &["restore", "--pgdata", data.to_str().unwrap()]);
+    assert!(
+        stderr_of(&output).starts_with("pitr restore: error: wrong keyring for repository "),
+        "{}",
+        stderr_of(&output)
+    );
+
+    // A segment missing in the middle of the range fails before download, naming it.
+    let segments = wal_objects(&ledger.repository);
+    let victim = &segments[segments.len() / 2];
+    let saved = std::fs::read(victim).unwrap();
+    std::fs::remove_file(victim).unwrap();
+    let name = victim.file_name().unwrap().to_str().unwrap();
+    let message = restore("gap", &[]);
+    assert!(message.starts_with(&format!("pitr restore: error: WAL segment {name} is missing from the archive, so recovery from backup ")), "{message}");
+    assert!(
+        !workspace.path("gap").join("base").exists(),
+        "nothing may be downloaded"
+    );
+    std::fs::write(victim, saved).unwrap();
+
+    // A corrupt chunk fails the restore, names the file, and leaves a directory that cannot start.
+    let chunk = largest_chunk(&ledger.repository);
+    let original = std::fs::read(&chunk).unwrap();
+    let mut damaged = original.clone();
+    let last = damaged.len() - 5;
+    damaged[last] ^= 0x40;
+    std::fs::write(&chunk, &damaged).unwrap();
+    let message = restore("corrupt", &[]);
+    assert!(
+        message.starts_with("pitr restore: error: restoring "),
+        "{message}"
+    );
+    assert!(
+        message.contains("the restored directory is incomplete and will not start"),
+        "{message}"
+    );
+    assert!(message.contains("failed authentication"), "{message}");
+    std::fs::write(&chunk, original).unwrap();
+}
+
+#[test]
+fn incremental_backups_and_delta_restores_match_clean_ones() {
+    if !pg15_available() {
+        return;
+    }
+    let ledger = Ledger::new();
+    ledger.primary.sql("create table bulk as select g as id, md5(g::text) || repeat('x', 200) as payload from generate_series(1, 200000) g");
+    ledger.primary.sql("checkpoint");
+    let first = ledger.backup();
+    ledger
+        .primary
+        .sql("update bulk set payload = 'changed' where id <= 50");
+    ledger.primary.sql("checkpoint");
+    let second = ledger.backup();
+    let uploaded = |report: &str| -> u64 {
+        let sent = report
+            .split(" MiB uploaded")
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap();
+        sent.parse().unwrap()
+    };
+    let total = |report: &str| -> u64 {
+        report
+            .split("complete: ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(total(&first) >= 60, "the database should be large: {first}");
+    assert!(
+        uploaded(&second) * 10 < uploaded(&first),
+        "the second backup sent too much:\n{first}\n{second}"
+    );
+
+    ledger.primary.sql("select pg_switch_wal()");
+    ledger.primary.wait_for(
+        "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
+        "0",
+        Duration::from_secs(60),
+    );
+    let expected = ledger
+        .primary
+        .sql("select count(*), sum(length(payload)) from bulk");
+    let listing = ledger
+        .workspace
+        .pitr(&ledger.config, &["list", "--output", "json"]);
+    let listing: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap();
+    let backups = listing["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 3);
+    assert_eq!(backups[2]["incremental"], true);
+
+    let check = |name: &str, arguments: &[&str]| {
+        let data = ledger.workspace.path(name);
+        let mut command = vec!["restore", "--pgdata", data.to_str().unwrap()];
+        command.extend_from_slice(arguments);
+        let output = ledger.workspace.pitr(&ledger.config, &command);
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        let mut cluster = Cluster::existing(&ledger.workspace, name);
+        cluster.append_settings("archive_mode = off");
+        cluster.start();
+        cluster.wait_for("select pg_is_in_recovery()", "f", Duration::from_secs(120));
+        let found = cluster.sql("select count(*), sum(length(payload)) from bulk");
+        cluster.stop();
+        found
+    };
+    let older = backups[1]["id"].as_str().unwrap().to_string();
+    let newer = backups[2]["id"].as_str().unwrap().to_string();
+    assert_eq!(check("from_older", &["--backup", &older]), expected);
+    assert_eq!(check("from_newer", &["--backup", &newer]), expected);
+
+    // --delta over the stale copy restored before: same result as a clean restore.
+    let stale = ledger.workspace.path("from_older");
+    std::fs::remove_file(stale.join("recovery.signal")).ok();
+    let output = ledger.workspace.pitr(
+        &ledger.config,
+        &[
+            "restore",
+            "--pgdata",
+            stale.to_str().unwrap(),
+            "--delta",
+            "--backup",
+            &newer,
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let mut cluster = Cluster::existing(&ledger.workspace, "from_older");
+    cluster.append_settings("archive_mode = off");
+    cluster.start();
+    cluster.wait_for("select pg_is_in_recovery()", "f", Duration::from_secs(120));
+    assert_eq!(
+        cluster.sql("select count(*), sum(length(payload)) from bulk"),
+        expected
+    );
+    assert_eq!(cluster.sql("select count(*) from ledger"), "45");
+}
+
+#[test]
+fn a_backup_under_load_restores_consistent_and_follows_a_timeline_switch() {
+    if !pg15_available() {
+        return;
+    }
+    let ledger = Ledger::new();
+    let primary = &ledger.primary;
+    primary.pgbench(&["-i", "-s", "5", "-q"]);
+    let load = {
+        let bin = primary.bin.join("pgbench");
+        let socket = primary.socket_directory.clone();
+        let port = primary.port;
+        std::thread::spawn(move || {
+            support::run_checked(
+                support::as_postgres_bounded(&bin, 300)
+                    .args(["-h"])
+                    .arg(&socket)
+                    .args([
+                        "-p",
+                        &port.to_string(),
+                        "-U",
+                        "postgres",
+                        "-c",
+                        "2",
+                        "-T",
+                        "8",
+                        "postgres",
+                    ]),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    ledger.backup();
+    load.join().unwrap();
+    primary.sql("select pg_switch_wal()");
+    primary.wait_for(
+        "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
+        "0",
+        Duration::from_secs(60),
+    );
+    let expected = primary.sql("select count(*), sum(abalance) from pgbench_accounts");
+
+    // Restore to the end, promote (timeline 2), write more there, then restore to a time on timeline 2.
+    let config2 = ledger.workspace.write_config(
+        "second.toml",
+        &std::fs::read_to_string(&ledger.config)
+            .unwrap()
+            .replace("/primary'", "/promoted'"),
+    );
+    let data = ledger.workspace.path("promoted");
+    let output = ledger
+        .workspace
+        .pitr(&config2, &["restore", "--pgdata", data.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let mut promoted = Cluster::existing(&ledger.workspace, "promoted");
+    promoted.start();
+    promoted.wait_for("select pg_is_in_recovery()", "f", Duration::from_secs(120));
+    assert_eq!(
+        promoted.sql("select count(*), sum(abalance) from pgbench_accounts"),
+        expected
+    );
+    let amcheck = support::as_postgres_bounded(&promoted.bin.join("pg_amcheck"), 300)
+        .args(["-h"])
+        .arg(&promoted.socket_directory)
+        .args([
+            "-p",
+            &promoted.port.to_string(),
+            "-U",
+            "postgres",
+            "--install-missing",
+            "--heapallindexed",
+            "postgres",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        amcheck.status.success(),
+        "pg_amcheck found corruption: {}{}",
+        String::from_utf8_lossy(&amcheck.stdout),
+        stderr_of(&amcheck)
+    );
+    assert_eq!(
+        promoted.sql("select timeline_id from pg_control_checkpoint()"),
+        "2"
+    );
+    promoted.sql("insert into ledger values (1000, 'on timeline 2')");
+    let after =
+        promoted.sql("select to_char(now() at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')");
+    std::thread::sleep(Duration::from_millis(50));
+    promoted.sql("insert into ledger values (1001, 'later on timeline 2')");
+    promoted.sql("select pg_switch_wal()");
+    promoted.wait_for(
+        "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
+        "0",
+        Duration::from_secs(60),
+    );
+    promoted.stop();
+
+    let ids = ledger.restore("on_timeline_2", &["--target-time", &format!("{after}+00")]);
+    assert!(ids.contains(&1000) && !ids.contains(&1001), "{ids:?}");
+}
+
+fn wal_objects(repository: &Path) -> Vec<PathBuf> {
+    let mut segments: Vec<PathBuf> = support::snapshot(&repository.join("wal/00000001"))
+        .into_iter()
+        .map(|(path, _)| path)
+        .filter(|path| path.file_name().unwrap().len() == 24)
+        .collect();
+    segments.sort();
+    segments
+}
+
+fn largest_chunk(repository: &Path) -> PathBuf {
+    support::snapshot(&repository.join("chunks"))
+        .into_iter()
+        .max_by_key(|(_, bytes)| bytes.len())
+        .unwrap()
+        .0
+}

@@ -68,7 +68,7 @@ STAGE=$WORK/stage          # push PGDATA: global/pg_control, PG_VERSION, pg_wal/
 GSTAGE=$WORK/gstage        # get PGDATA: global/pg_control, PG_VERSION, empty pg_wal/
 GETDIR=$WORK/get           # archive-get destinations (same filesystem as pg_wal)
 RUN=$WORK/run              # daemon pid files
-RES=$OUTDIR/results.tsv    # label run wall_s cpu_s
+RES=$OUTDIR/results.tsv    # label run wall_s cpu_s busy (1: cargo/rustc seen at start or end)
 DRES=$OUTDIR/daemon.tsv    # label run vmhwm_kb daemon_cpu_s hits misses durable waited failed
 LRES=$OUTDIR/latency.tsv   # label call seconds
 S3DATA=$WORK/s3data
@@ -328,14 +328,15 @@ daemon_snapshot() {   # LABEL RUN: VmHWM, CPU, /metrics, /status of the running 
 }
 
 # timed window: tstart / tstop around a phase; records wall and machine-wide CPU
-T0= C0=
-tstart() { wait_idle; busy && BUSY_SEEN=1; C0=$(cpu_ticks); T0=$EPOCHREALTIME; }
+T0= C0= B0=0
+tstart() { wait_idle; B0=0; busy && B0=1; C0=$(cpu_ticks); T0=$EPOCHREALTIME; }
 tstop() {   # LABEL RUN
   local t1 c1 w c; t1=$EPOCHREALTIME; c1=$(cpu_ticks)
-  busy && BUSY_SEEN=1
+  busy && B0=1
+  [ "$B0" = 1 ] && { BUSY_SEEN=1; log "WARNING: cargo/rustc ran during $1 #$2"; }
   w=$(awk -v a="$T0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}')
   c=$(awk -v a="$C0" -v b="$c1" -v hz="$HZ" 'BEGIN{printf "%.2f", (b-a)/hz}')
-  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$w" "$c" >>"$RES"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$w" "$c" "$B0" >>"$RES"
   LAST_WALL=$w
 }
 run_driver() {   # LABEL DRIVER-ARGS...: as postgres; failure shows the log
@@ -349,24 +350,30 @@ mibs() { awk -v b="$SEGBYTES" -v w="$1" 'BEGIN{printf "%.0f", b/1048576/w}'; }
 # ---------------------------------------------------------------- phases
 limits() {   # physical limits of this machine on the corpus
   local cat=$WORK/corpus.cat r
-  log "[$TAG] limits: zstd -1 -T1/-T2, zstd -d, fsync'd copy ($RUNS runs)"
+  log "[$TAG] limits: zstd -1 -T1/-T2, zstd -d, fsync'd copy 1 and 2 at a time ($RUNS runs)"
   (cd "$CORPUS" && xargs cat <"$SEGS") >"$cat"
   zstd -q -1 -T1 -c "$cat" >"$cat.zst"
   echo "$TAG zstd1_bytes $(stat -c %s "$cat.zst")" >>"$OUTDIR/sizes.txt"
   cat >"$WORK/fsync_copy.py" <<'EOF'
+# fsync_copy.py SRC DST LIST JOBS: copy every segment, fsync it and the directory, JOBS at a time
 import os, shutil, sys
-src, dst, lst = sys.argv[1:4]
-for name in open(lst).read().split():
+from concurrent.futures import ThreadPoolExecutor
+src, dst, lst, jobs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+def copy(name):
     shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    fd = os.open(os.path.join(dst, name), os.O_RDONLY); os.fsync(fd); os.close(fd)
-    fd = os.open(dst, os.O_RDONLY); os.fsync(fd); os.close(fd)
+    for path in (os.path.join(dst, name), dst):
+        fd = os.open(path, os.O_RDONLY); os.fsync(fd); os.close(fd)
+with ThreadPoolExecutor(jobs) as pool:
+    list(pool.map(copy, open(lst).read().split()))
 EOF
   for r in $(seq 1 "$RUNS"); do
     tstart; zstd -q -1 -T1 -c "$cat" >/dev/null; tstop "$TAG-limit-zstd1-T1" "$r"
     tstart; zstd -q -1 -T2 -c "$cat" >/dev/null; tstop "$TAG-limit-zstd1-T2" "$r"
     tstart; zstd -q -d -c "$cat.zst" >/dev/null; tstop "$TAG-limit-zstd-d" "$r"
-    fresh_dir "$WORK/cpcopy"; sync
-    tstart; "$PY" "$WORK/fsync_copy.py" "$CORPUS" "$WORK/cpcopy" "$SEGS"; tstop "$TAG-limit-copy-fsync" "$r"
+    for j in 1 2; do
+      fresh_dir "$WORK/cpcopy"; sync
+      tstart; "$PY" "$WORK/fsync_copy.py" "$CORPUS" "$WORK/cpcopy" "$SEGS" $j; tstop "$TAG-limit-copy-fsync-j$j" "$r"
+    done
   done
   rm -rf "$WORK/cpcopy" "$cat" "$cat.zst"
 }
@@ -421,10 +428,10 @@ get_pitr() {   # KIND CONC RUN
 }
 lat() {   # LABEL PGDATA CMD...: LAT_CALLS+1 calls, the first dropped
   local label=$1 dir=$2 i=0 t; shift 2
-  wait_idle; busy && BUSY_SEEN=1
+  wait_idle; busy && { BUSY_SEEN=1; log "WARNING: cargo/rustc ran during $label"; }
   runuser -u postgres -- "$DRIVER" lat $((LAT_CALLS + 1)) "$dir" "$@" 2>>"$OUTDIR/bench.log" >"$WORK/lat.out" \
     || { tail -5 "$OUTDIR/bench.log" >&2; die "$label failed"; }
-  busy && BUSY_SEEN=1
+  busy && { BUSY_SEEN=1; log "WARNING: cargo/rustc ran during $label"; }
   tail -n +2 "$WORK/lat.out" | while read -r t; do i=$((i + 1)); printf '%s\t%s\t%s\n' "$label" "$i" "$t" >>"$LRES"; done
 }
 latency() {   # KIND: the stage and pitr-c$CONC repository of the last push run, daemon still up
@@ -502,16 +509,17 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
   echo "pgBackRest: archive-async=y process-max=2 zst-1 aes-256-cbc spool-path.  pitr daemon: archive_concurrency=c, compression_level=1,"
   echo "compression_threads=0, keyring (AES-256-GCM), prefetch=$PREFETCH.  S3 (if run): s3s-fs on loopback, +${DELAY_MS} ms each way (20 ms RTT at ${DELAY_MS})."
   [ "$WAITED_S" -gt 0 ] && echo "note: waited $WAITED_S s in total for cargo/rustc to finish before timed phases"
-  [ "$BUSY_SEEN" = 1 ] && echo "WARNING: a cargo/rustc process was running during some measurements; figures are pessimistic"
+  [ "$BUSY_SEEN" = 1 ] && echo "WARNING: cargo/rustc ran during some measurements (see the log, busy column of results.tsv); figures are pessimistic"
   for TAG in $DONE_CORPORA; do
     read -r _ _ _ _ NSEG _ SEGBYTES < <(grep "^$TAG corpus " "$OUTDIR/sizes.txt")
     MIB=$(awk -v b="$SEGBYTES" 'BEGIN{printf "%.1f", b/1048576}')
     rate() { local m; m=$(med "$RES" "$1" 3); [ "$m" = NA ] && { echo NA; return; }; awk -v b="$SEGBYTES" -v m="$m" 'BEGIN{printf "%.0f", b/1048576/m}'; }
-    z1=$(rate "$TAG-limit-zstd1-T1") z2=$(rate "$TAG-limit-zstd1-T2") zd=$(rate "$TAG-limit-zstd-d") cp=$(rate "$TAG-limit-copy-fsync")
+    z1=$(rate "$TAG-limit-zstd1-T1") z2=$(rate "$TAG-limit-zstd1-T2") zd=$(rate "$TAG-limit-zstd-d") cp1=$(rate "$TAG-limit-copy-fsync-j1") cp2=$(rate "$TAG-limit-copy-fsync-j2")
+    cp=$(awk -v a="$cp1" -v b="$cp2" 'BEGIN{print (a+0 > b+0) ? a : b}')
     zb=$(awk -v t="$TAG" '$1==t && $2=="zstd1_bytes"{print $3}' "$OUTDIR/sizes.txt")
     echo
     echo "== corpus $TAG: $NSEG segments, $MIB MiB, zstd -1 ratio $(div "$SEGBYTES" "$zb")"
-    echo "limits (MiB/s of WAL): zstd -1 one core $z1, two cores $z2 (push limit); fsync'd copy $cp (get limit); zstd -d one core $zd"
+    echo "limits (MiB/s of WAL): zstd -1 one core $z1, two cores $z2 (push limit); fsync'd copy $cp1 one at a time, $cp2 two at a time (get limit: the faster); zstd -d one core $zd"
     printf '%-6s %-5s %-11s %8s %8s %7s %7s %8s %8s %9s\n' repo op tool median_s MiB/s cpu_s rss_MiB vs_pgbr of_limit hits/miss
     for kind in $REPOS; do
       for op in push get; do

@@ -352,9 +352,12 @@ fn init_logging(settings: &Settings, hook: bool) {
     let default_level = if hook { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PITR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    use std::io::IsTerminal;
+    // Hooks log into the Postgres server log: colour codes there are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match settings.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_target(false).init(),

@@ -278,7 +278,7 @@ fn walk(pgdata: &Path) -> Result<(Vec<String>, Vec<(PathBuf, String, u64)>)> {
         }
     }
     directories.sort();
-    files.sort_by(|a, b| b.2.cmp(&a.2));
+    files.sort_by_key(|file| std::cmp::Reverse(file.2));
     Ok((directories, files))
 }
 

@@ -353,13 +353,13 @@ async fn download(
         .iter()
         .partition(|file| file.path == "global/pg_control");
     let results: Vec<Result<()>> = futures::stream::iter(others)
-        .map(|file| restore_file(&repository, pgdata, file, options.delta))
+        .map(|file| restore_file(repository, pgdata, file, options.delta))
         .buffer_unordered(options.concurrency.max(1))
         .collect()
         .await;
     results.into_iter().collect::<Result<Vec<()>>>()?;
     for file in control {
-        restore_file(&repository, pgdata, file, false).await?;
+        restore_file(repository, pgdata, file, false).await?;
     }
     // backup_label tells recovery where to start: the checkpoint of pg_backup_start, not the
     // one pg_control recorded while the files were being copied. Tablespaces are restored in

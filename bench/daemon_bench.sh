@@ -70,6 +70,7 @@ GETDIR=$WORK/get           # archive-get destinations (same filesystem as pg_wal
 RUN=$WORK/run              # daemon pid files
 RES=$OUTDIR/results.tsv    # label run wall_s cpu_s busy (1: cargo/rustc seen at start or end)
 DRES=$OUTDIR/daemon.tsv    # label run vmhwm_kb daemon_cpu_s hits misses durable waited failed
+                           #   + sampled peaks: vmrss_kb rssanon_kb rssfile_kb
 LRES=$OUTDIR/latency.tsv   # label call seconds
 S3DATA=$WORK/s3data
 
@@ -263,8 +264,21 @@ stage_pgdata() {   # DIR [ready]: fake PGDATA; with "ready", pg_wal holds the co
   fi
   chown -R postgres: "$1"; chmod 700 "$1"
 }
+s3_rm_prefix() {   # PREFIX: delete the objects under BUCKET/PREFIX and s3s-fs's metadata files of them
+  rm -rf "${S3DATA:?}/$BUCKET/$1"
+  "$PY" - "$S3DATA" "$BUCKET" "$1/" <<'EOF'
+import base64, os, re, sys
+root, bucket, prefix = sys.argv[1:4]
+def dec(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode(errors="replace")
+for name in os.listdir(root):
+    m = re.match(r"\.bucket-([A-Za-z0-9_-]+)\.object-([A-Za-z0-9_-]+)\.", name)
+    if m and dec(m.group(1)) == bucket and dec(m.group(2)).startswith(prefix):
+        os.remove(os.path.join(root, name))
+EOF
+}
 fresh_pitr_repo() {   # KIND CONC
-  if [ "$1" = local ]; then fresh_dir "$WORK/pitr-repo-c$2"; else rm -rf "$S3DATA/$BUCKET/pitr-c$2"; fi
+  if [ "$1" = local ]; then fresh_dir "$WORK/pitr-repo-c$2"; else s3_rm_prefix "pitr-c$2"; fi
 }
 pitr_objects() {   # KIND CONC -> number of WAL objects
   local d; if [ "$1" = local ]; then d=$WORK/pitr-repo-c$2/wal; else d=$S3DATA/$BUCKET/pitr-c$2/wal; fi
@@ -276,7 +290,7 @@ pitr_bytes() {
 }
 pgbr_dir() { if [ "$1" = local ]; then echo "$WORK/pgbr-repo"; else echo "$S3DATA/$BUCKET/pgbr"; fi; }
 fresh_pgbr_repo() {   # KIND
-  if [ "$1" = local ]; then fresh_dir "$WORK/pgbr-repo"; else rm -rf "$S3DATA/$BUCKET/pgbr"; fi
+  if [ "$1" = local ]; then fresh_dir "$WORK/pgbr-repo"; else s3_rm_prefix pgbr; fi
   fresh_dir "$WORK/pgbr-spool"; fresh_dir "$WORK/pgbr-lock"; fresh_dir "$WORK/pgbr-log"
   # shellcheck disable=SC2046
   as_pg $(PGBR) --no-online stanza-create >/dev/null
@@ -289,7 +303,24 @@ pgbr_wait_idle() {   # the async process outlives the last hook; let it exit bef
 }
 
 # ---------------------------------------------------------------- daemon control
-DAEMON_PID=
+# rss_sampler.py PID OUT: every 50 ms, the peaks of VmRSS, RssAnon (heap, stacks) and RssFile
+# (file pages mapped by the process, i.e. page cache it has mmapped) until PID exits or OUT.stop
+cat >"$WORK/rss_sampler.py" <<'EOF'
+import os, sys, time
+pid, out = sys.argv[1], sys.argv[2]
+peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+while not os.path.exists(out + ".stop"):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            key = line.split(":")[0]
+            if key in peak:
+                peak[key] = max(peak[key], int(line.split()[1]))
+    except OSError:
+        break
+    time.sleep(0.05)
+open(out, "w").write(f"{peak['VmRSS']} {peak['RssAnon']} {peak['RssFile']}\n")
+EOF
+DAEMON_PID= SAMPLER_PID=
 start_daemon() {   # CONF LOG: start as postgres, wait until the hook socket exists
   local conf=$1 logf=$2 pgdata sock i
   pgdata=$(sed -n "s/^pgdata = '\(.*\)'$/\1/p" "$conf"); sock=$pgdata/pitr.sock
@@ -304,15 +335,25 @@ start_daemon() {   # CONF LOG: start as postgres, wait until the hook socket exi
   done
   [ -S "$sock" ] || die "no hook socket at $sock after 10 s (log: $logf)"
   DAEMON_PID=$(cat "$RUN/daemon.pid")
+  rm -f "$RUN/rss" "$RUN/rss.stop"
+  "$PY" "$WORK/rss_sampler.py" "$DAEMON_PID" "$RUN/rss" &
+  SAMPLER_PID=$!
+}
+stop_sampler() {   # -> "vmrss_kb rssanon_kb rssfile_kb" peaks
+  [ -n "$SAMPLER_PID" ] || { echo "0 0 0"; return; }
+  : >"$RUN/rss.stop"; wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=
+  cat "$RUN/rss" 2>/dev/null || echo "0 0 0"
 }
 stop_daemon() {
+  if [ -n "$SAMPLER_PID" ]; then stop_sampler >/dev/null; fi
   [ -n "$DAEMON_JOB" ] || return 0
   kill -TERM "$DAEMON_PID" 2>/dev/null || true
   wait "$DAEMON_JOB" 2>/dev/null || true
   DAEMON_JOB= DAEMON_PID=
 }
 daemon_snapshot() {   # LABEL RUN: VmHWM, CPU, /metrics, /status of the running daemon
-  local label=$1 run=$2 hwm cpu m
+  local label=$1 run=$2 hwm cpu m peaks
+  peaks=$(stop_sampler)
   hwm=$(awk '/^VmHWM:/{print $2}' "/proc/$DAEMON_PID/status")
   cpu=$(awk -v hz="$HZ" '{print ($14+$15)/hz}' "/proc/$DAEMON_PID/stat")
   m=$OUTDIR/snap/$label.$run; mkdir -p "$OUTDIR/snap"
@@ -323,7 +364,7 @@ daemon_snapshot() {   # LABEL RUN: VmHWM, CPU, /metrics, /status of the running 
     "$(metric pitr_prefetch_hits_total)" "$(metric pitr_prefetch_misses_total)" \
     "$(metric 'pitr_hook_requests_total{result="durable"}')" \
     "$(metric 'pitr_hook_requests_total{result="waited"}')" \
-    "$(metric 'pitr_hook_requests_total{result="failed"}')" >>"$DRES"
+    "$(metric 'pitr_hook_requests_total{result="failed"}')" "${peaks// /$'\t'}" >>"$DRES"
   echo "$(( hwm / 1024 ))"
 }
 

@@ -150,6 +150,9 @@ pub struct Settings {
     pub http_token: Option<String>,
     pub max_archive_lag: Duration,
     pub pg_url: Option<String>,
+    /// The configuration file these settings came from, made absolute, so that commands this
+    /// one writes (restore_command) or starts (the prefetch worker) read the same file.
+    pub config_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -259,6 +262,10 @@ impl Settings {
                 .filter(|token| !token.is_empty()),
             max_archive_lag: Duration::from_secs(max_archive_lag as u64),
             pg_url: options.pg_url.clone().or(file.pg_url),
+            config_file: options
+                .config
+                .as_ref()
+                .map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone())),
             repo: options.repo.clone().or(file.repo),
             key_file: options.key_file.clone().or(file.key_file),
             compression_level: compression_level as i32,

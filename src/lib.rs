@@ -13,6 +13,7 @@ pub mod durable;
 pub mod envelope;
 pub mod keyring;
 pub mod postgres;
+pub mod prefetch;
 pub mod repository;
 pub mod restore;
 pub mod wal;

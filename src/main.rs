@@ -137,6 +137,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
+    /// Internal: fill the prefetch spool after a segment (started by archive-get).
+    #[command(hide = true)]
+    PrefetchWorker { segment: String },
     /// Inspect the WAL archive.
     Wal {
         #[command(subcommand)]
@@ -312,6 +315,9 @@ async fn run(
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::PrefetchWorker { segment } => archive_get::prefetch_worker(settings, segment)
+            .await
+            .map(|_| ExitCode::SUCCESS),
         Command::Daemon => pitr::daemon::run(settings.clone())
             .await
             .map(|_| ExitCode::SUCCESS),
@@ -336,6 +342,7 @@ fn fail(command: &Command, error: &anyhow::Error) -> ExitCode {
         Command::ArchiveGet { .. } => "archive-get",
         Command::Keygen { .. } => "keygen",
         Command::Daemon => "daemon",
+        Command::PrefetchWorker { .. } => "prefetch-worker",
         Command::Backup { .. } => "backup",
         Command::Restore { .. } => "restore",
         Command::List { .. } => "list",

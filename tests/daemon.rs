@@ -389,3 +389,75 @@ fn recovering_cluster(workspace: &Workspace, name: &str, config: &Path, archive:
     ));
     cluster
 }
+
+#[test]
+fn archive_get_without_a_daemon_prefetches_into_a_spool() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let repository = workspace.path("repo");
+    let store = format!("repo = 'file://{}'\n", repository.display());
+    let config = write_config(
+        &workspace,
+        "pitr.toml",
+        &store,
+        &workspace.path("primary"),
+        free_port(),
+    );
+    let mut primary = archiving_cluster(&workspace, "primary", &config);
+    primary.start();
+    primary.sql("create table ledger (round int, item int)");
+    switch_segments(&primary, 8);
+    wait_until_archived(&primary, Duration::from_secs(60));
+    let mut segments: Vec<String> = std::fs::read_dir(primary.data.join("pg_wal/archive_status"))
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .into_string()
+                .ok()?
+                .strip_suffix(".done")
+                .map(str::to_string)
+        })
+        .filter(|name| name.len() == 24)
+        .collect();
+    segments.sort();
+
+    // A stand-in data directory for a cluster in recovery, with no daemon running.
+    let stage = workspace.path("stage");
+    std::fs::create_dir_all(stage.join("pg_wal")).unwrap();
+    workspace.give_to_postgres(&stage);
+    let stage_config = write_config(&workspace, "stage.toml", &store, &stage, free_port());
+    let spool = stage.join("pg_wal/pitr-prefetch");
+    let get = |name: &str| {
+        let destination = stage.join("pg_wal/RECOVERYXLOG");
+        let output = workspace.pitr(
+            &stage_config,
+            &["archive-get", name, destination.to_str().unwrap()],
+        );
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        let restored = std::fs::read(&destination).unwrap();
+        assert!(
+            restored == std::fs::read(primary.data.join("pg_wal").join(name)).unwrap(),
+            "{name} differs"
+        );
+    };
+    get(&segments[1]);
+    let expected: Vec<&String> = segments[2..6].iter().collect();
+    let started = std::time::Instant::now();
+    while !expected.iter().all(|name| spool.join(name).exists()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the spool never filled: {:?}",
+            std::fs::read_dir(&spool).map(|entries| entries.count())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    get(&segments[2]);
+    assert!(
+        !spool.join(&segments[2]).exists(),
+        "a spooled segment is moved, not copied"
+    );
+}

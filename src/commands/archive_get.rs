@@ -8,13 +8,16 @@
 //! removes the temporary file, so `<dest>` only ever appears complete and verified.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
 use crate::config::Settings;
+use crate::daemon::metrics::Metrics;
 use crate::durable::PendingFile;
+use crate::prefetch::Prefetcher;
 use crate::repository::{Repository, RepositoryError, check_same_cluster};
-use crate::wal::{self, WalFileName};
+use crate::wal::{self, SegmentName, WalFileName};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GetOutcome {
@@ -28,9 +31,70 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
     if let Some(outcome) = crate::daemon::client::get(settings, &name, &destination).await? {
         return Ok(outcome);
     }
-    let repository = Repository::open(settings)?;
+    let repository = Arc::new(Repository::open(settings)?);
     check_cluster(settings, &repository, wal_file).await?;
-    fetch(&repository, &name, &destination).await
+    let WalFileName::Segment(segment) = name else {
+        return fetch(&repository, &name, &destination).await;
+    };
+    if settings.prefetch_segments == 0 {
+        return fetch(&repository, &name, &destination).await;
+    }
+    let prefetcher = Prefetcher::new(settings, Arc::clone(&repository), Arc::new(Metrics::new()));
+    let outcome = if prefetcher.take_spooled(&name, &destination)? {
+        GetOutcome::Restored
+    } else {
+        fetch(&repository, &name, &destination).await?
+    };
+    if outcome == GetOutcome::Restored {
+        start_prefetch_worker(settings, segment);
+    }
+    Ok(outcome)
+}
+
+/// Starts `pitr prefetch-worker` in the background to fill the spool with the segments after
+/// `segment`, and returns at once. The worker reads the same settings, passed by environment.
+fn start_prefetch_worker(settings: &Settings, segment: SegmentName) {
+    use std::os::unix::process::CommandExt;
+    let Ok(executable) = std::env::current_exe() else {
+        return;
+    };
+    let mut command = std::process::Command::new(executable);
+    command.arg("prefetch-worker").arg(segment.to_string());
+    let pgdata = std::path::absolute(&settings.pgdata).unwrap_or_else(|_| settings.pgdata.clone());
+    command.env("PITR_PGDATA", pgdata).env(
+        "PITR_STORE_TIMEOUT",
+        settings.store_timeout.as_secs().to_string(),
+    );
+    if let Some(config) = &settings.config_file {
+        command.env("PITR_CONFIG", config);
+    }
+    if let Some(repo) = &settings.repo {
+        command.env("PITR_REPO", repo);
+    }
+    if let Some(key_file) = &settings.key_file {
+        command.env(
+            "PITR_KEY_FILE",
+            std::path::absolute(key_file).unwrap_or_else(|_| key_file.clone()),
+        );
+    }
+    command.env("PITR_PREFETCH", settings.prefetch_segments.to_string());
+    // Its own process group, no terminal: Postgres must not wait for it or signal it.
+    command
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if let Err(error) = command.spawn() {
+        tracing::debug!("cannot start the prefetch worker: {error}");
+    }
+}
+
+/// The background worker: fetch the segments after `segment` into the spool, then exit.
+pub async fn prefetch_worker(settings: &Settings, segment: &str) -> Result<()> {
+    let segment: SegmentName = segment.parse()?;
+    let repository = Arc::new(Repository::open(settings)?);
+    let prefetcher = Prefetcher::new(settings, repository, Arc::new(Metrics::new()));
+    prefetcher.fetch_ahead(segment).await
 }
 
 /// Refuses to restore into a data directory of another cluster.

@@ -9,7 +9,6 @@ pub mod archiver;
 pub mod client;
 pub mod http;
 pub mod metrics;
-pub mod prefetch;
 pub mod server;
 
 use std::collections::BTreeMap;
@@ -19,10 +18,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::config::Settings;
+use crate::prefetch::Prefetcher;
 use crate::repository::Repository;
 use archiver::Archiver;
 use metrics::Metrics;
-use prefetch::Prefetcher;
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 

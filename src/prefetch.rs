@@ -1,5 +1,9 @@
 //! Prefetch on restore: keep recovery fed with segments fetched ahead, in parallel.
 //!
+//! The daemon runs it in-process. Without a daemon, `archive-get` serves from the same spool
+//! and starts a short-lived background process (`pitr prefetch-worker`) that fills it, the way
+//! pgBackRest's asynchronous archive-get does.
+//!
 //! When Postgres asks for segment N, the daemon answers it and starts fetching N+1…N+k (k from
 //! `PITR_PREFETCH`, capped by `PITR_PREFETCH_MAX_MB`) into a spool directory inside `pg_wal`, so
 //! that the next requests are a rename. Spooled files went through the same verification as any
@@ -82,17 +86,41 @@ impl Prefetcher {
         if let Some(pending) = pending {
             pending.await.map_err(anyhow::Error::msg)?;
         }
-        let spooled = self.spool.join(name.to_string());
-        if spooled.exists() {
-            std::fs::rename(&spooled, destination).with_context(|| {
-                format!("moving the prefetched {name} to {}", destination.display())
-            })?;
-            durable::sync_parent_directory(destination)?;
-            self.metrics.prefetch_hits.inc();
+        if self.take_spooled(&name, destination)? {
             return Ok(GetOutcome::Restored);
         }
         self.metrics.prefetch_misses.inc();
         archive_get::fetch(&self.repository, &name, destination).await
+    }
+
+    /// Moves a spooled copy of `name` to `destination`; false if none was fetched ahead.
+    pub fn take_spooled(&self, name: &WalFileName, destination: &Path) -> Result<bool> {
+        let spooled = self.spool.join(name.to_string());
+        match std::fs::rename(&spooled, destination) {
+            Ok(()) => {
+                durable::sync_parent_directory(destination)?;
+                self.metrics.prefetch_hits.inc();
+                Ok(true)
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(error).with_context(|| {
+                format!("moving the prefetched {name} to {}", destination.display())
+            }),
+        }
+    }
+
+    /// Fetches the segments after `segment` into the spool and waits for all of them: the work
+    /// of the background process a hook starts when no daemon runs. Only one runs at a time.
+    pub async fn fetch_ahead(self: &Arc<Self>, segment: SegmentName) -> Result<()> {
+        std::fs::create_dir_all(&self.spool)?;
+        let lock = std::fs::File::create(self.spool.join(".lock"))?;
+        if lock.try_lock().is_err() {
+            return Ok(());
+        }
+        self.schedule_after(segment).await;
+        let pending: Vec<Fetch> = self.fetching.lock().unwrap().values().cloned().collect();
+        futures::future::join_all(pending).await;
+        Ok(())
     }
 
     /// Starts fetching the next segments of the same timeline, within the byte cap.

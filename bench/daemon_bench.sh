@@ -339,21 +339,24 @@ start_daemon() {   # CONF LOG: start as postgres, wait until the hook socket exi
   "$PY" "$WORK/rss_sampler.py" "$DAEMON_PID" "$RUN/rss" &
   SAMPLER_PID=$!
 }
-stop_sampler() {   # -> "vmrss_kb rssanon_kb rssfile_kb" peaks
-  [ -n "$SAMPLER_PID" ] || { echo "0 0 0"; return; }
+PEAKS="0 0 0"
+stop_sampler() {   # sets PEAKS="vmrss_kb rssanon_kb rssfile_kb"
+  PEAKS="0 0 0"
+  [ -n "$SAMPLER_PID" ] || return 0
   : >"$RUN/rss.stop"; wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=
-  cat "$RUN/rss" 2>/dev/null || echo "0 0 0"
+  [ -s "$RUN/rss" ] && PEAKS=$(cat "$RUN/rss")
+  return 0
 }
 stop_daemon() {
-  if [ -n "$SAMPLER_PID" ]; then stop_sampler >/dev/null; fi
+  stop_sampler
   [ -n "$DAEMON_JOB" ] || return 0
   kill -TERM "$DAEMON_PID" 2>/dev/null || true
   wait "$DAEMON_JOB" 2>/dev/null || true
   DAEMON_JOB= DAEMON_PID=
 }
-daemon_snapshot() {   # LABEL RUN: VmHWM, CPU, /metrics, /status of the running daemon
-  local label=$1 run=$2 hwm cpu m peaks
-  peaks=$(stop_sampler)
+daemon_snapshot() {   # LABEL RUN: VmHWM (-> SNAP_RSS_MIB), CPU, /metrics, /status of the running daemon
+  local label=$1 run=$2 hwm cpu m
+  stop_sampler
   hwm=$(awk '/^VmHWM:/{print $2}' "/proc/$DAEMON_PID/status")
   cpu=$(awk -v hz="$HZ" '{print ($14+$15)/hz}' "/proc/$DAEMON_PID/stat")
   m=$OUTDIR/snap/$label.$run; mkdir -p "$OUTDIR/snap"
@@ -364,8 +367,8 @@ daemon_snapshot() {   # LABEL RUN: VmHWM, CPU, /metrics, /status of the running 
     "$(metric pitr_prefetch_hits_total)" "$(metric pitr_prefetch_misses_total)" \
     "$(metric 'pitr_hook_requests_total{result="durable"}')" \
     "$(metric 'pitr_hook_requests_total{result="waited"}')" \
-    "$(metric 'pitr_hook_requests_total{result="failed"}')" "${peaks// /$'\t'}" >>"$DRES"
-  echo "$(( hwm / 1024 ))"
+    "$(metric 'pitr_hook_requests_total{result="failed"}')" "${PEAKS// /$'\t'}" >>"$DRES"
+  SNAP_RSS_MIB=$((hwm / 1024))
 }
 
 # timed window: tstart / tstop around a phase; records wall and machine-wide CPU
@@ -435,7 +438,7 @@ push_pitr() {   # KIND CONC RUN [keep]: with "keep" the daemon stays up (for the
   start_daemon "$WORK/pitr-push-c$c.toml" "$OUTDIR/daemon-$label.log"
   run_driver "$label" push "$SEGS" "$STAGE" "$PITR" --config "$WORK/pitr-push-c$c.toml"
   tstop "$label" "$r"
-  rss=$(daemon_snapshot "$label" "$r")
+  daemon_snapshot "$label" "$r"; rss=$SNAP_RSS_MIB
   [ "${4:-}" = keep ] || stop_daemon
   n=$(pitr_objects "$kind" "$c"); [ "$n" -eq "$NSEG" ] || die "$label: pitr stored $n of $NSEG segments"
   log "$label #$r: ${LAST_WALL}s $(mibs "$LAST_WALL") MiB/s, daemon peak RSS ${rss} MiB"
@@ -462,7 +465,7 @@ get_pitr() {   # KIND CONC RUN
   start_daemon "$WORK/pitr-get-c$c.toml" "$OUTDIR/daemon-$label.log"
   run_driver "$label" get "$SEGS" "$GSTAGE" "$GETDIR" "$PITR" --config "$WORK/pitr-get-c$c.toml"
   tstop "$label" "$r"
-  rss=$(daemon_snapshot "$label" "$r")
+  daemon_snapshot "$label" "$r"; rss=$SNAP_RSS_MIB
   stop_daemon
   [ "$r" = 1 ] && verify_get "$label"
   log "$label #$r: ${LAST_WALL}s $(mibs "$LAST_WALL") MiB/s, daemon peak RSS ${rss} MiB"
@@ -561,7 +564,7 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
     echo
     echo "== corpus $TAG: $NSEG segments, $MIB MiB, zstd -1 ratio $(div "$SEGBYTES" "$zb")"
     echo "limits (MiB/s of WAL): zstd -1 one core $z1, two cores $z2 (push limit); fsync'd copy $cp1 one at a time, $cp2 two at a time (get limit: the faster); zstd -d one core $zd"
-    printf '%-6s %-5s %-11s %8s %8s %7s %7s %8s %8s %9s\n' repo op tool median_s MiB/s cpu_s rss_MiB vs_pgbr of_limit hits/miss
+    printf '%-6s %-5s %-11s %8s %8s %7s %7s %9s %8s %8s %9s\n' repo op tool median_s MiB/s cpu_s rss_MiB anon/file vs_pgbr of_limit hits/miss
     for kind in $REPOS; do
       for op in push get; do
         base=$(rate "$TAG-$kind-$op-pgbr-async")
@@ -570,13 +573,14 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
           l=$TAG-$kind-$op-$tool
           m=$(med "$RES" "$l" 3); [ "$m" = NA ] && continue
           v=$(rate "$l")
-          rss=-; hm=-
+          rss=-; hm=-; af=-
           case $tool in pitr*)
             rss=$(awk -v k="$(maxcol "$l" 3)" 'BEGIN{printf "%.0f", k/1024}')
+            af=$(awk -v a="$(maxcol "$l" 11)" -v f="$(maxcol "$l" 12)" 'BEGIN{printf "%.0f/%.0f", a/1024, f/1024}')
             [ "$op" = get ] && hm="$(med "$DRES" "$l" 5)/$(med "$DRES" "$l" 6)";;
           esac
-          printf '%-6s %-5s %-11s %8.2f %8s %7s %7s %8s %8s %9s\n' "$kind" "$op" "$tool" "$m" "$v" \
-            "$(med "$RES" "$l" 4)" "$rss" "$( [ "$tool" = pgbr-async ] && echo - || div "$v" "$base")" \
+          printf '%-6s %-5s %-11s %8.2f %8s %7s %7s %9s %8s %8s %9s\n' "$kind" "$op" "$tool" "$m" "$v" \
+            "$(med "$RES" "$l" 4)" "$rss" "$af" "$( [ "$tool" = pgbr-async ] && echo - || div "$v" "$base")" \
             "$( [ "$kind" = local ] && awk -v a="$v" -v b="$lim" 'BEGIN{printf "%.0f%%", 100*a/b}' || echo -)" "$hm"
         done
       done
@@ -598,5 +602,6 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
   echo "MiB/s = corpus bytes / median wall time (start of daemon or first hook -> last hook returned);"
   echo "vs_pgbr = pitr MiB/s / pgBackRest MiB/s; of_limit = MiB/s / (zstd -1 -T2 for push, fsync'd copy for get);"
   echo "cpu_s = machine-wide busy CPU seconds in the window; rss_MiB = max VmHWM of the daemon over the runs;"
+  echo "anon/file = peak RssAnon / peak RssFile (MiB) sampled every 50 ms (RssFile: mmapped page cache, e.g. WAL files);"
   echo "hits/miss = median prefetch hits / misses per get run. Per-run rows: results.tsv, daemon.tsv, latency.tsv."
 } | tee "$OUTDIR/summary.txt"

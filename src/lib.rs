@@ -14,6 +14,7 @@ pub mod envelope;
 pub mod keyring;
 pub mod postgres;
 pub mod prefetch;
+pub mod progress;
 pub mod repository;
 pub mod restore;
 pub mod wal;

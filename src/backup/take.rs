@@ -12,7 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -63,7 +63,7 @@ struct Shared {
     start_lsn: Lsn,
     verify_pages: bool,
     uploaded_bytes: AtomicU64,
-    read_bytes: AtomicU64,
+    progress: crate::progress::Progress,
     reused_chunks: AtomicU64,
     new_chunks: AtomicU64,
     corrupt_pages: Mutex<Vec<String>>,
@@ -140,18 +140,16 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
         start_lsn,
         verify_pages: checksums == "on",
         uploaded_bytes: AtomicU64::new(0),
-        read_bytes: AtomicU64::new(0),
+        progress: crate::progress::Progress::start("backup", logical_bytes),
         reused_chunks: AtomicU64::new(0),
         new_chunks: AtomicU64::new(0),
         corrupt_pages: Mutex::new(Vec::new()),
     });
-    let progress = tokio::spawn(report_progress(Arc::clone(&shared), logical_bytes));
     let results: Vec<Result<Option<ManifestFile>>> = futures::stream::iter(files)
         .map(|(path, relative, _)| backup_file(Arc::clone(&shared), path, relative))
         .buffer_unordered(options.concurrency.max(1))
         .collect()
         .await;
-    progress.abort();
     let mut manifest_files = Vec::new();
     for result in results {
         if let Some(file) = result? {
@@ -321,9 +319,7 @@ async fn backup_file(
         }
         hasher.update(&chunk);
         size += chunk.len() as u64;
-        shared
-            .read_bytes
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        shared.progress.advance(chunk.len() as u64);
         let last = chunk.len() < CHUNK_SIZE;
         chunks.push(store_chunk(&shared, chunk).await?);
         index += 1;
@@ -376,21 +372,6 @@ fn verify_pages(shared: &Shared, relative: &str, segment: u32, chunk_index: u64,
                 .unwrap()
                 .push(format!("{relative} block {in_file}"));
         }
-    }
-}
-
-async fn report_progress(shared: Arc<Shared>, total: u64) {
-    let started = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let done = shared.read_bytes.load(Ordering::Relaxed);
-        let rate = done as f64 / started.elapsed().as_secs_f64() / 1048576.0;
-        tracing::info!(
-            "backup: {} of {} MiB read ({rate:.0} MiB/s), {} MiB uploaded",
-            done >> 20,
-            total >> 20,
-            shared.uploaded_bytes.load(Ordering::Relaxed) >> 20
-        );
     }
 }
 

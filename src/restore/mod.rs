@@ -352,14 +352,15 @@ async fn download(
         .files
         .iter()
         .partition(|file| file.path == "global/pg_control");
+    let progress = crate::progress::Progress::start("restore", backup.logical_bytes);
     let results: Vec<Result<()>> = futures::stream::iter(others)
-        .map(|file| restore_file(repository, pgdata, file, options.delta))
+        .map(|file| restore_file(repository, pgdata, file, options.delta, &progress))
         .buffer_unordered(options.concurrency.max(1))
         .collect()
         .await;
     results.into_iter().collect::<Result<Vec<()>>>()?;
     for file in control {
-        restore_file(repository, pgdata, file, false).await?;
+        restore_file(repository, pgdata, file, false, &progress).await?;
     }
     // backup_label tells recovery where to start: the checkpoint of pg_backup_start, not the
     // one pg_control recorded while the files were being copied. Tablespaces are restored in
@@ -374,8 +375,10 @@ async fn restore_file(
     pgdata: &Path,
     file: &ManifestFile,
     delta: bool,
+    progress: &crate::progress::Progress,
 ) -> Result<()> {
     let path = pgdata.join(&file.path);
+    progress.advance(file.size);
     if delta && matches_checksum(&path, file) {
         return Ok(());
     }

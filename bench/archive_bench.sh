@@ -27,8 +27,9 @@
 #   PITR_BIN=                  use this pitr binary instead of `cargo build --release`
 #   PITR_THREADS="2 0"         compression_threads values to benchmark (one pitr variant each)
 #   RUNS=3  DUP_CALLS=20       repetitions, duplicate-push calls
+#   WAIT_IDLE=1                before every timed phase, wait while a cargo/rustc process runs
 #   WORK=/tmp/pitr-bench/work  scratch (repositories, stage, get dirs; wiped at start)
-#   OUTDIR=/tmp/pitr-bench/results   results.tsv (label run wall user sys), summary.txt, logs
+#   OUTDIR=/tmp/pitr-bench/results   results.tsv (label run wall user sys busy), summary.txt, logs
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -167,17 +168,18 @@ DRIVER=$WORK/driver.sh
 # prints the hook's stderr and stops the bench
 BUSY_SEEN=0
 timed() {
-  local label=$1 run=$2 w u s; shift 2
+  local label=$1 run=$2 w u s b=0; shift 2
   wait_idle
-  busy && BUSY_SEEN=1
+  busy && b=1
   if ! /usr/bin/time -f '%e %U %S' -o "$WORK/time.out" "$@" 2>"$WORK/stderr.out"; then
     cat "$WORK/stderr.out" >&2
     die "$label run $run failed (stderr above, also in $OUTDIR/bench.log)"
   fi
-  busy && BUSY_SEEN=1
+  busy && b=1
+  [ "$b" = 1 ] && { BUSY_SEEN=1; log "WARNING: cargo/rustc ran during $label #$run"; }
   { echo "== $label #$run"; cat "$WORK/stderr.out"; } >>"$OUTDIR/bench.log"
   read -r w u s <"$WORK/time.out"
-  printf '%s\t%s\t%s\t%s\t%s\n' "$label" "$run" "$w" "$u" "$s" >>"$RES"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$run" "$w" "$u" "$s" "$b" >>"$RES"
   log "$label #$run: wall ${w}s user ${u}s sys ${s}s"
 }
 
@@ -218,7 +220,7 @@ done
 lat() {   # label cmd...
   local label=$1 i=0 t; shift
   wait_idle
-  busy && BUSY_SEEN=1
+  busy && { BUSY_SEEN=1; log "WARNING: cargo/rustc ran during $label"; }
   as_pg "$DRIVER" lat $((DUP_CALLS + 1)) "$STAGE_PG" "$@" 2>>"$OUTDIR/bench.log" | tail -n +2 | while read -r t; do
     i=$((i + 1)); printf '%s\t%s\t%s\t-\t-\n' "$label" "$i" "$t" >>"$RES"
   done

@@ -275,11 +275,47 @@ pub fn encode<R: Read, W: Write>(
 /// against an object renamed or copied from elsewhere. On error, what was written to `sink` must
 /// be discarded: verification completes only at the end.
 pub fn decode<R: Read + Send, W: Write + Send>(
-    mut source: R,
+    source: R,
     expected_name: &str,
     keyring: Option<&Keyring>,
     sink: W,
 ) -> Result<Header, EnvelopeError> {
+    let (header, opener) = open_body(source, expected_name, keyring)?;
+    deliver_verified(decompressor(&header, opener)?, sink, &header, expected_name)?;
+    Ok(header)
+}
+
+/// Proves an object intact and returns its header. For an encrypted object this needs no
+/// decompression: every chunk's tag covers the whole header (plaintext length and checksum
+/// included), the chunk's position and the last-chunk flag, so a complete sequence of
+/// authentic chunks is exactly the object that was written. Unencrypted objects carry no tags
+/// and are decoded in full, checksum included.
+pub fn authenticate<R: Read + Send>(
+    source: R,
+    expected_name: &str,
+    keyring: Option<&Keyring>,
+) -> Result<Header, EnvelopeError> {
+    let (header, mut opener) = open_body(source, expected_name, keyring)?;
+    if header.cipher == Cipher::None {
+        deliver_verified(
+            decompressor(&header, opener)?,
+            io::sink(),
+            &header,
+            expected_name,
+        )?;
+    } else {
+        copy_bounded(&mut opener, &mut io::sink())
+            .map_err(|error| corrupt_unless_wrapped(error, expected_name))?;
+    }
+    Ok(header)
+}
+
+/// Reads and checks the header, and returns a reader of the (compressed) body.
+fn open_body<R: Read>(
+    mut source: R,
+    expected_name: &str,
+    keyring: Option<&Keyring>,
+) -> Result<(Header, ChunkOpener<R>), EnvelopeError> {
     let (header, header_bytes) = Header::read_from(&mut source, expected_name)?;
     if header.object_name != expected_name {
         return Err(EnvelopeError::NameMismatch {
@@ -303,7 +339,14 @@ pub fn decode<R: Read + Send, W: Write + Send>(
         finished: false,
         object: expected_name.to_string(),
     };
-    let plaintext: Box<dyn Read + Send> = match header.compression {
+    Ok((header, opener))
+}
+
+fn decompressor<'a, R: Read + Send + 'a>(
+    header: &Header,
+    opener: ChunkOpener<R>,
+) -> Result<Box<dyn Read + Send + 'a>, EnvelopeError> {
+    Ok(match header.compression {
         Compression::Zstd => Box::new(
             zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(
                 COPY_BUFFER,
@@ -312,9 +355,7 @@ pub fn decode<R: Read + Send, W: Write + Send>(
             .map_err(EnvelopeError::Sink)?,
         ),
         Compression::None => Box::new(opener),
-    };
-    deliver_verified(plaintext, sink, &header, expected_name)?;
-    Ok(header)
+    })
 }
 
 /// Reads only an object's header, without verifying its body.
@@ -732,6 +773,16 @@ mod tests {
             let bit = bit.index(object.len() * 8);
             object[bit / 8] ^= 1 << (bit % 8);
             prop_assert!(open(&object, Some(&keyring)).is_err());
+        }
+
+        #[test]
+        fn authentication_alone_rejects_any_bit_flip(data in proptest::collection::vec(any::<u8>(), 0..5_000), chunk in 1u32..600, bit in any::<proptest::sample::Index>()) {
+            let (_directory, keyring) = keyring();
+            let mut object = seal(&data, Some(&keyring), chunk);
+            prop_assert_eq!(authenticate(&object[..], "wal/x", Some(&keyring)).unwrap().content, ContentSummary::of_bytes(&data));
+            let bit = bit.index(object.len() * 8);
+            object[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(authenticate(&object[..], "wal/x", Some(&keyring)).is_err());
         }
 
         #[test]

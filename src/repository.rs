@@ -344,6 +344,22 @@ impl Repository {
         self.put_raw(key, Bytes::from(encoded)).await
     }
 
+    /// Proves a stored object intact without decoding it into anything; `None` if it does not
+    /// exist. See `envelope::authenticate`.
+    pub async fn authenticate_object(&self, key: &str) -> Result<Option<Header>, RepositoryError> {
+        let Some(bytes) = self.get_bytes(key).await? else {
+            return Ok(None);
+        };
+        let (key_owned, keyring) = (key.to_string(), self.keyring.clone());
+        let header = tokio::task::spawn_blocking(move || {
+            envelope::authenticate(&bytes[..], &key_owned, keyring.as_ref())
+        })
+        .await
+        .expect("the verification task does not panic")
+        .map_err(|error| RepositoryError::Envelope(error.to_string()))?;
+        Ok(Some(header))
+    }
+
     /// Reads and verifies a small object into memory; `None` if it does not exist.
     pub async fn read_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, RepositoryError> {
         Ok(self

@@ -360,6 +360,22 @@ fn a_different_file_under_an_archived_name_is_refused_and_identical_is_accepted(
         stderr_of(&again)
     );
 
+    // An identical re-push succeeds only if the stored copy is intact.
+    let object = fixture.object_path(&name);
+    let stored = std::fs::read(&object).unwrap();
+    let mut damaged = stored.clone();
+    let last = damaged.len() - 3;
+    damaged[last] ^= 0x10;
+    std::fs::write(&object, &damaged).unwrap();
+    refused(
+        &fixture,
+        &format!(
+            "pitr archive-push: error: {name} is already archived but the stored copy cannot be verified; it was left untouched: object wal/00000001/{name} failed authentication at chunk 0; it is corrupt, truncated or was tampered with, and was not used"
+        ),
+        || fixture.push(&fixture.segment_path(&name)),
+    );
+    std::fs::write(&object, &stored).unwrap();
+
     let mut changed = original.clone();
     changed[3 * 8192 + 100] ^= 0xFF;
     let path = fixture.scratch_file(&name, &changed);

@@ -130,10 +130,10 @@ async fn compare_with_stored(
     content: ContentSummary,
 ) -> Result<PushOutcome> {
     let stored = repository
-        .read_object(key, std::io::sink())
+        .authenticate_object(key)
         .await
         .with_context(|| format!("{file_name} is already archived but the stored copy cannot be verified; it was left untouched"))?;
-    let Some((header, _)) = stored else {
+    let Some(header) = stored else {
         bail!(
             "{file_name} was reported as existing but cannot be read back from {}; retry",
             repository.url

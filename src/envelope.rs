@@ -63,10 +63,22 @@ pub struct ContentSummary {
 }
 
 impl ContentSummary {
-    /// Hashes a file with every core; the file is memory-mapped, so this costs no heap.
+    /// Hashes a file, reading it in blocks: a memory map would be faster to write but counts
+    /// the whole file in the process's resident memory, which concurrent uploads multiply.
     pub fn of_file(path: &Path) -> io::Result<Self> {
+        let mut file = std::fs::File::open(path)?;
         let mut hasher = blake3::Hasher::new();
-        hasher.update_mmap_rayon(path)?;
+        let mut buffer = vec![0u8; COPY_BUFFER];
+        loop {
+            match file.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(count) => {
+                    hasher.update(&buffer[..count]);
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
         Ok(ContentSummary {
             length: hasher.count(),
             checksum: Checksum(*hasher.finalize().as_bytes()),

@@ -315,9 +315,14 @@ async fn run(
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::PrefetchWorker { segment } => archive_get::prefetch_worker(settings, segment)
-            .await
-            .map(|_| ExitCode::SUCCESS),
+        // The worker may end up a child of the postmaster (PID 1 in many containers), which treats
+        // an unknown child's non-zero exit as a crash: so it always exits 0.
+        Command::PrefetchWorker { segment } => {
+            if let Err(error) = archive_get::prefetch_worker(settings, segment).await {
+                tracing::debug!("prefetch worker: {error:#}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Daemon => pitr::daemon::run(settings.clone())
             .await
             .map(|_| ExitCode::SUCCESS),

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use serde::Serialize;
@@ -83,8 +83,11 @@ impl Prefetcher {
             .unwrap()
             .get(&name.to_string())
             .cloned();
-        if let Some(pending) = pending {
-            pending.await.map_err(anyhow::Error::msg)?;
+        // A failed prefetch is not this request's failure: it falls through to a direct fetch.
+        if let Some(pending) = pending
+            && let Err(error) = pending.await
+        {
+            tracing::debug!(file = %name, "prefetch failed, fetching directly: {error}");
         }
         if self.take_spooled(&name, destination)? {
             return Ok(GetOutcome::Restored);
@@ -103,9 +106,12 @@ impl Prefetcher {
                 Ok(true)
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(error) => Err(error).with_context(|| {
-                format!("moving the prefetched {name} to {}", destination.display())
-            }),
+            // Another filesystem, say: the caller fetches directly instead.
+            Err(error) => {
+                tracing::debug!(file = %name, "cannot move the prefetched copy ({error}); fetching directly");
+                let _ = std::fs::remove_file(&spooled);
+                Ok(false)
+            }
         }
     }
 

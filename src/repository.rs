@@ -345,11 +345,13 @@ impl Repository {
     }
 
     /// Proves a stored object intact without decoding it into anything; `None` if it does not
-    /// exist. See `envelope::authenticate`.
+    /// exist. See `envelope::authenticate`. On `file://` it is also made durable, since a
+    /// writer killed between its write and its fsync may have left it in the page cache only.
     pub async fn authenticate_object(&self, key: &str) -> Result<Option<Header>, RepositoryError> {
         let Some(bytes) = self.get_bytes(key).await? else {
             return Ok(None);
         };
+        self.sync_if_local(key, &self.location(key))?;
         let (key_owned, keyring) = (key.to_string(), self.keyring.clone());
         let header = tokio::task::spawn_blocking(move || {
             envelope::authenticate(&bytes[..], &key_owned, keyring.as_ref())

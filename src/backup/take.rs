@@ -100,6 +100,19 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
         .collect();
 
     let client = crate::postgres::connect(settings, Duration::from_secs(30)).await?;
+    // The files come from --pgdata and the backup_label from the server: they must be one cluster.
+    let server_system: i64 = client
+        .query_one("select system_identifier from pg_control_system()", &[])
+        .await?
+        .get(0);
+    if server_system as u64 != local.0 {
+        bail!(
+            "the server at PGHOST/PGPORT (or --pg-url) is database system {}, but {} belongs to system {}; point them at the same cluster",
+            server_system as u64,
+            pgdata.display(),
+            local
+        );
+    }
     let version: i32 = client
         .query_one("select current_setting('server_version_num')::int", &[])
         .await?
@@ -195,6 +208,14 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
         .map(TimelineId)
         .context("backup_label has no START TIMELINE")?;
 
+    wait_for_stop_segment(
+        &shared.repository,
+        stop_lsn,
+        timeline,
+        identity.segment_size(),
+        settings.store_timeout,
+    )
+    .await?;
     let manifest = Manifest {
         format_version: 1,
         id: id.clone(),
@@ -226,6 +247,36 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
         bail!("a backup named {id} already exists; wait a second and retry");
     }
     Ok(manifest)
+}
+
+/// pg_backup_stop waited for archive_command, but that may archive elsewhere: a backup counts
+/// only once the WAL that makes it consistent is in this repository.
+async fn wait_for_stop_segment(
+    repository: &Repository,
+    stop_lsn: Lsn,
+    timeline: TimelineId,
+    size: crate::wal::WalSegmentSize,
+    limit: Duration,
+) -> Result<()> {
+    let segment = crate::wal::SegmentName::from_segment_number(
+        timeline,
+        stop_lsn.0 / u64::from(size.0),
+        size,
+    );
+    let key = Repository::wal_key(&crate::wal::WalFileName::Segment(segment));
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if repository.authenticate_object(&key).await?.is_some() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "WAL segment {segment}, which this backup needs to be consistent, is not in the repository after {} s; check that archive_command is pitr archive-push into this repository. The backup was not recorded",
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Every directory and regular file to back up: (absolute path, relative path, size).

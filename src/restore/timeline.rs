@@ -72,10 +72,19 @@ pub fn check_coverage(
             timeline,
         )
     };
+    // Only segments on the timeline recovery would read them from count: an old primary that
+    // kept archiving on the parent timeline after the fork does not extend this path.
     let newest_archived = path
         .0
         .iter()
-        .filter_map(|(timeline, _)| archived.get(timeline)?.iter().next_back().copied())
+        .filter_map(|(timeline, _)| {
+            archived
+                .get(timeline)?
+                .iter()
+                .rev()
+                .find(|number| path.timeline_of(**number, size) == *timeline)
+                .copied()
+        })
         .max()
         .unwrap_or(0);
     let end = last.unwrap_or(newest_archived.max(first));
@@ -119,5 +128,9 @@ mod tests {
             "000000020000000000000006"
         );
         assert_eq!(check_coverage(&archived, &path, SIZE, 2, Some(5)), Ok(5));
+        // The old primary kept archiving timeline 1 past the fork: that is not a gap on 2.
+        archived.get_mut(&TimelineId(2)).unwrap().insert(6);
+        archived.get_mut(&TimelineId(1)).unwrap().extend(6..=12);
+        assert_eq!(check_coverage(&archived, &path, SIZE, 2, None), Ok(8));
     }
 }

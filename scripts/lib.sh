@@ -7,10 +7,14 @@ as_root() {
 }
 
 ensure_postgresql() {
-  if [ ! -x /usr/lib/postgresql/15/bin/postgres ] || ! id postgres >/dev/null 2>&1; then
-    step "installing Debian's postgresql-15"
+  local missing=()
+  { [ -x /usr/lib/postgresql/15/bin/postgres ] && id postgres >/dev/null 2>&1; } || missing+=(postgresql-15 postgresql-client-15)
+  command -v pgrep >/dev/null 2>&1 || missing+=(procps)      # the daemon tests find processes
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)   # a socket client run as another user
+  if [ ${#missing[@]} -gt 0 ]; then
+    step "installing ${missing[*]}"
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15 >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job end to end, on the embedded default: a local PostgreSQL 15 archives its WAL with
-# `pitr archive-push` into an encrypted file:// repository while pgbench writes; then a second
-# data directory recovers from a base backup using only `pitr archive-get`, and the row counts
-# are compared. Prints a summary at the end. Installs PostgreSQL 15 if it is missing.
+# `pitr archive-push` into an encrypted file:// repository, `pitr backup` takes a base backup
+# while pgbench writes, and `pitr restore --start` brings a second data directory to the end of
+# the archive through `pitr archive-get`; the row counts are compared. Prints a summary at the
+# end. Installs PostgreSQL 15 if it is missing.
 #
 #   scripts/demo.sh            # DEMO_DIR=/tmp/pitr-demo SCALE=10 SECONDS_OF_LOAD=20
 set -euo pipefail
@@ -57,9 +58,9 @@ CONF
 as_postgres "$PGBIN/pg_ctl" -D "$DEMO_DIR/primary" -l "$DEMO_DIR/primary.log" -w start >/dev/null
 psql_primary() { as_postgres "$PGBIN/psql" -X -A -t -q -h "$DEMO_DIR" -p "$PORT" -U postgres -d postgres -c "$1"; }
 
-step "pgbench -i -s $SCALE, then a base backup (without WAL: recovery must use the archive)"
+step "pgbench -i -s $SCALE, then pitr backup"
 as_postgres "$PGBIN/pgbench" -h "$DEMO_DIR" -p "$PORT" -U postgres -i -s "$SCALE" -q postgres 2>/dev/null
-as_postgres "$PGBIN/pg_basebackup" -h "$DEMO_DIR" -p "$PORT" -U postgres -X none -c fast -D "$DEMO_DIR/restored" 2>/dev/null
+as_postgres env PGHOST="$DEMO_DIR" PGPORT="$PORT" PGUSER=postgres "$PITR" --config "$DEMO_DIR/pitr.toml" --pgdata "$DEMO_DIR/primary" backup
 
 step "pgbench for ${SECONDS_OF_LOAD}s while pitr archives"
 as_postgres "$PGBIN/pgbench" -h "$DEMO_DIR" -p "$PORT" -U postgres -c 4 -j 2 -T "$SECONDS_OF_LOAD" postgres >/dev/null 2>&1
@@ -73,22 +74,17 @@ accounts=$(psql_primary "select sum(abalance) || '/' || count(*) from pgbench_ac
 history=$(psql_primary "select count(*) from pgbench_history")
 as_postgres "$PGBIN/pg_ctl" -D "$DEMO_DIR/primary" -m fast -w stop >/dev/null
 
-step "recovering a second data directory with restore_command = 'pitr archive-get %f %p'"
-touch "$DEMO_DIR/restored/recovery.signal"
-cat >>"$DEMO_DIR/restored/postgresql.conf" <<CONF
-port = $((PORT + 1))
-archive_mode = off
-restore_command = '$PITR --config $DEMO_DIR/pitr.toml archive-get %f %p'
-CONF
-[ "$(id -u)" = 0 ] && chown -R postgres: "$DEMO_DIR/restored"
+step "pitr restore --start: a second data directory, replayed to the end of the archive"
 recovery_started=$(date +%s.%N)
-as_postgres "$PGBIN/pg_ctl" -D "$DEMO_DIR/restored" -l "$DEMO_DIR/restored.log" -w start >/dev/null
-psql_restored() { as_postgres "$PGBIN/psql" -X -A -t -q -h "$DEMO_DIR" -p $((PORT + 1)) -U postgres -d postgres -c "$1"; }
-for _ in $(seq 1 600); do [ "$(psql_restored "select pg_is_in_recovery()" 2>/dev/null)" = f ] && break; sleep 0.2; done
+as_postgres "$PITR" --config "$DEMO_DIR/pitr.toml" restore --pgdata "$DEMO_DIR/restored" --start --pg-bin "$PGBIN"
 recovery_seconds=$(awk -v a="$recovery_started" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+psql_restored() { as_postgres "$PGBIN/psql" -X -A -t -q -h "$DEMO_DIR" -p "$PORT" -U postgres -d postgres -c "$1"; }
 restored_accounts=$(psql_restored "select sum(abalance) || '/' || count(*) from pgbench_accounts")
 restored_history=$(psql_restored "select count(*) from pgbench_history")
-replayed=$(grep -c 'restored log file' "$DEMO_DIR/restored.log" || true)
+replayed=$(grep -c 'restored log file' "$DEMO_DIR/restored/pitr-restore.log" || true)
+
+step "backups and the recoverable window"
+as_postgres "$PITR" --config "$DEMO_DIR/pitr.toml" list
 
 step "archive contents"
 as_postgres "$PITR" --config "$DEMO_DIR/pitr.toml" wal list
@@ -103,7 +99,7 @@ cat <<SUMMARY
 repository               file://$DEMO_DIR/repo (encrypted, zstd-1)
 segments archived        $archived (failed attempts: $failed)
 WAL archived             $((wal_bytes / 1048576)) MiB, stored as $((repo_bytes / 1048576)) MiB ($(awk -v a=$wal_bytes -v b=$repo_bytes 'BEGIN{printf "%.1f", a/b}')x smaller)
-recovery                 $replayed segments replayed via pitr archive-get in ${recovery_seconds}s
+restore                  backup restored and $replayed segments replayed via pitr archive-get in ${recovery_seconds}s
 pgbench_accounts         primary $accounts, restored $restored_accounts
 pgbench_history rows     primary $history, restored $restored_history
 result                   $verdict

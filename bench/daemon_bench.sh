@@ -41,6 +41,9 @@
 #   S3_PORT=19700 PROXY_PORT=19701 TLS_PORT=19702 DELAY_MS=10
 #   WORK=/tmp/pitr-bench/dwork  OUTDIR=/tmp/pitr-bench/daemon-results
 #   WAIT_IDLE=1                 before every timed phase, wait while cargo/rustc runs
+#   DAEMON_ENV=                 extra VAR=value words for the daemon's environment only, for
+#                               what-if runs, e.g. MALLOC_ARENA_MAX=2 or LD_PRELOAD=<shim>.so
+#   SUMMARY_ONLY=1              only print the summary of the results already in OUTDIR
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -71,7 +74,7 @@ RUN=$WORK/run              # daemon pid files
 RES=$OUTDIR/results.tsv    # label run wall_s cpu_s busy (1: cargo/rustc seen at start or end)
 DRES=$OUTDIR/daemon.tsv    # label run vmhwm_kb daemon_cpu_s hits misses durable waited failed
                            #   + sampled peaks: vmrss_kb rssanon_kb rssfile_kb
-LRES=$OUTDIR/latency.tsv   # label call seconds
+LRES=$OUTDIR/latency.tsv   # label call seconds exit_status
 S3DATA=$WORK/s3data
 
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
@@ -99,12 +102,14 @@ case " $REPOS " in *" s3 "*)
 esac
 
 # ---------------------------------------------------------------- scratch layout
+PITR=$WORK/bin/pitr
+if [ "${SUMMARY_ONLY:-0}" != 1 ]; then
 rm -rf "$WORK"; mkdir -p "$WORK/bin" "$RUN" "$OUTDIR"
 install -m 755 "$PITR_BIN" "$WORK/bin/pitr"     # rebuilds during the run don't change what is measured
-PITR=$WORK/bin/pitr
 chown postgres: "$WORK" "$RUN"
-: >"$RES"; : >"$DRES"; : >"$LRES"; : >"$OUTDIR/bench.log"; : >"$OUTDIR/limits.tsv"; : >"$OUTDIR/sizes.txt"
+: >"$RES"; : >"$DRES"; : >"$LRES"; : >"$OUTDIR/bench.log"; : >"$OUTDIR/sizes.txt"
 as_pg "$PITR" keygen --output "$WORK/keyring" >/dev/null
+fi
 
 cat >"$WORK/driver.sh" <<'EOF'
 #!/usr/bin/env bash
@@ -120,11 +125,11 @@ case $mode in
     done <"$list" ;;
   get)   dest=$1; shift   # restore_command
     while read -r s; do "$@" archive-get "$s" "$dest/$s" || { echo "archive-get $s failed" >&2; exit 1; }; done <"$list" ;;
-  lat)   # LIST is a count: run "$@" that many times, print each call's wall seconds
-    # ($EPOCHREALTIME: no timer process; every row, floors included, pays the same fork+exec)
+  lat)   # LIST is a count: run "$@" that many times, print each call's wall seconds and exit
+    # status ($EPOCHREALTIME: no timer process; every row, floors included, pays the same fork+exec)
     for _ in $(seq 1 "$list"); do
-      t0=$EPOCHREALTIME; "$@" >/dev/null || { echo "lat: $* failed" >&2; exit 1; }; t1=$EPOCHREALTIME
-      awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.6f\n", b-a}'
+      rc=0; t0=$EPOCHREALTIME; "$@" >/dev/null || rc=$?; t1=$EPOCHREALTIME
+      awk -v a="$t0" -v b="$t1" -v rc="$rc" 'BEGIN{printf "%.6f %d\n", b-a, rc}'
     done ;;
 esac
 EOF
@@ -167,7 +172,7 @@ EOF
   wait_port "$TLS_PORT" || die "stunnel did not start (see $OUTDIR/stunnel.log)"
   log "S3: s3s-fs :$S3_PORT <- delay proxy +${DELAY_MS} ms each way :$PROXY_PORT <- stunnel (TLS, pgBackRest only) :$TLS_PORT"
 }
-case " $REPOS " in *" s3 "*) start_s3;; esac
+[ "${SUMMARY_ONLY:-0}" = 1 ] || case " $REPOS " in *" s3 "*) start_s3;; esac
 
 # ---------------------------------------------------------------- per-corpus / per-repo setup
 # set_corpus TAG BL: CORPUS, SRC, SEGS, NSEG, SEGBYTES, MID_SEG
@@ -325,7 +330,8 @@ start_daemon() {   # CONF LOG: start as postgres, wait until the hook socket exi
   local conf=$1 logf=$2 pgdata sock i
   pgdata=$(sed -n "s/^pgdata = '\(.*\)'$/\1/p" "$conf"); sock=$pgdata/pitr.sock
   rm -f "$RUN/daemon.pid"
-  runuser -u postgres -- sh -c 'echo $$ >"$1"; exec "$2" --config "$3" daemon' sh \
+  # shellcheck disable=SC2086
+  env ${DAEMON_ENV:-} runuser -u postgres -- sh -c 'echo $$ >"$1"; exec "$2" --config "$3" daemon' sh \
     "$RUN/daemon.pid" "$PITR" "$conf" >>"$logf" 2>&1 &
   DAEMON_JOB=$!
   for i in $(seq 1 2000); do
@@ -363,7 +369,7 @@ daemon_snapshot() {   # LABEL RUN: VmHWM (-> SNAP_RSS_MIB), CPU, /metrics, /stat
   curl -fsS "http://$HTTP_ADDR/metrics" >"$m.metrics" 2>>"$OUTDIR/bench.log" || echo "metrics unavailable" >"$m.metrics"
   curl -fsS "http://$HTTP_ADDR/status" >"$m.status.json" 2>>"$OUTDIR/bench.log" || echo '{}' >"$m.status.json"
   metric() { awk -v k="$1" 'index($0, k) == 1 {v=$NF} END{print (v == "" ? 0 : v)}' "$m.metrics"; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$run" "$hwm" "$cpu" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$run" "$hwm" "$cpu" \
     "$(metric pitr_prefetch_hits_total)" "$(metric pitr_prefetch_misses_total)" \
     "$(metric 'pitr_hook_requests_total{result="durable"}')" \
     "$(metric 'pitr_hook_requests_total{result="waited"}')" \
@@ -397,6 +403,7 @@ limits() {   # physical limits of this machine on the corpus
   log "[$TAG] limits: zstd -1 -T1/-T2, zstd -d, fsync'd copy 1 and 2 at a time ($RUNS runs)"
   (cd "$CORPUS" && xargs cat <"$SEGS") >"$cat"
   zstd -q -1 -T1 -c "$cat" >"$cat.zst"
+  sync   # the 3 GB just written must not be flushed during the fsync'd-copy runs
   echo "$TAG zstd1_bytes $(stat -c %s "$cat.zst")" >>"$OUTDIR/sizes.txt"
   cat >"$WORK/fsync_copy.py" <<'EOF'
 # fsync_copy.py SRC DST LIST JOBS: copy every segment, fsync it and the directory, JOBS at a time
@@ -470,13 +477,20 @@ get_pitr() {   # KIND CONC RUN
   [ "$r" = 1 ] && verify_get "$label"
   log "$label #$r: ${LAST_WALL}s $(mibs "$LAST_WALL") MiB/s, daemon peak RSS ${rss} MiB"
 }
-lat() {   # LABEL PGDATA CMD...: LAT_CALLS+1 calls, the first dropped
-  local label=$1 dir=$2 i=0 t; shift 2
+lat() {   # LABEL PGDATA CMD...: LAT_CALLS+1 calls, the first dropped; a failed call stops the
+          # bench unless LAT_TOLERANT=1 (then it is counted: latency.tsv column 4 = exit status)
+  local label=$1 dir=$2 i=0 t rc fails; shift 2
   wait_idle; busy && { BUSY_SEEN=1; log "WARNING: cargo/rustc ran during $label"; }
+  echo "== $label" >>"$OUTDIR/bench.log"
   runuser -u postgres -- "$DRIVER" lat $((LAT_CALLS + 1)) "$dir" "$@" 2>>"$OUTDIR/bench.log" >"$WORK/lat.out" \
     || { tail -5 "$OUTDIR/bench.log" >&2; die "$label failed"; }
   busy && { BUSY_SEEN=1; log "WARNING: cargo/rustc ran during $label"; }
-  tail -n +2 "$WORK/lat.out" | while read -r t; do i=$((i + 1)); printf '%s\t%s\t%s\n' "$label" "$i" "$t" >>"$LRES"; done
+  fails=$(awk '$2 != 0' "$WORK/lat.out" | wc -l)
+  if [ "$fails" -gt 0 ]; then
+    log "$label: $fails of $((LAT_CALLS + 1)) calls failed (stderr in $OUTDIR/bench.log)"
+    [ "${LAT_TOLERANT:-0}" = 1 ] || die "$label failed"
+  fi
+  tail -n +2 "$WORK/lat.out" | while read -r t rc; do i=$((i + 1)); printf '%s\t%s\t%s\t%s\n' "$label" "$i" "$t" "$rc" >>"$LRES"; done
 }
 latency() {   # KIND: the stage and pitr-c$CONC repository of the last push run, daemon still up
   local kind=$1 p="pg_wal/$MID_SEG" before after
@@ -487,8 +501,10 @@ latency() {   # KIND: the stage and pitr-c$CONC repository of the last push run,
   after=$(hook_durable)
   echo "$TAG $kind lat-pitr-daemon durable_answers $((after - before)) of $((LAT_CALLS + 1))" >>"$OUTDIR/sizes.txt"
   stop_daemon
-  # without a daemon the hook pushes by itself (reads the stored object back and compares)
-  lat "$TAG-$kind-lat-pitr-direct" "$STAGE" "$PITR" --config "$WORK/pitr-push-c$CONC.toml" archive-push "$p"
+  # without a daemon the hook pushes by itself (create-only PUT, then reads the stored object back
+  # and compares); on s3s-fs the refused PUT can fail with a broken pipe (see README), so failures
+  # are counted here instead of stopping the bench
+  LAT_TOLERANT=1 lat "$TAG-$kind-lat-pitr-direct" "$STAGE" "$PITR" --config "$WORK/pitr-push-c$CONC.toml" archive-push "$p"
   # shellcheck disable=SC2046
   lat "$TAG-$kind-lat-pgbr-async" "$STAGE" $(PGBR) archive-push "$p"
   pgbr_wait_idle
@@ -500,6 +516,9 @@ floors() {
 }
 
 # ---------------------------------------------------------------- main loop
+if [ "${SUMMARY_ONLY:-0}" = 1 ]; then
+  DONE_CORPORA=$(awk '$2 == "corpus" {print $1}' "$OUTDIR/sizes.txt" | tr '\n' ' ')
+else
 log "pitr $("$PITR" --version | cut -d' ' -f2) ($(sha256sum "$PITR" | cut -c1-12)), $(pgbackrest version); corpora: $CORPORA; repos: $REPOS"
 FIRST=1 DONE_CORPORA=
 for spec in $CORPORA; do
@@ -535,6 +554,7 @@ for spec in $CORPORA; do
   done
 done
 [ -n "$DONE_CORPORA" ] || die "no corpus found in CORPORA=$CORPORA"
+fi
 
 # ---------------------------------------------------------------- summary
 med() {   # FILE LABEL COLUMN -> median
@@ -552,6 +572,7 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
   echo "$("$PITR" --version) (sha256 $(sha256sum "$PITR" | cut -c1-12)); $(pgbackrest version); runs=$RUNS (medians)"
   echo "pgBackRest: archive-async=y process-max=2 zst-1 aes-256-cbc spool-path.  pitr daemon: archive_concurrency=c, compression_level=1,"
   echo "compression_threads=0, keyring (AES-256-GCM), prefetch=$PREFETCH.  S3 (if run): s3s-fs on loopback, +${DELAY_MS} ms each way (20 ms RTT at ${DELAY_MS})."
+  [ -n "${DAEMON_ENV:-}" ] && echo "NOTE: the daemon ran with DAEMON_ENV=$DAEMON_ENV (a what-if run, not the default setup)"
   [ "$WAITED_S" -gt 0 ] && echo "note: waited $WAITED_S s in total for cargo/rustc to finish before timed phases"
   [ "$BUSY_SEEN" = 1 ] && echo "WARNING: cargo/rustc ran during some measurements (see the log, busy column of results.tsv); figures are pessimistic"
   for TAG in $DONE_CORPORA; do
@@ -564,7 +585,7 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
     echo
     echo "== corpus $TAG: $NSEG segments, $MIB MiB, zstd -1 ratio $(div "$SEGBYTES" "$zb")"
     echo "limits (MiB/s of WAL): zstd -1 one core $z1, two cores $z2 (push limit); fsync'd copy $cp1 one at a time, $cp2 two at a time (get limit: the faster); zstd -d one core $zd"
-    printf '%-6s %-5s %-11s %8s %8s %7s %7s %9s %8s %8s %9s\n' repo op tool median_s MiB/s cpu_s rss_MiB anon/file vs_pgbr of_limit hits/miss
+    printf '%-6s %-5s %-11s %8s %8s %7s %7s %7s %9s %8s %8s %9s\n' repo op tool median_s MiB/s cpu_s dmn_cpu rss_MiB anon/file vs_pgbr of_limit hits/miss
     for kind in $REPOS; do
       for op in push get; do
         base=$(rate "$TAG-$kind-$op-pgbr-async")
@@ -573,24 +594,26 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
           l=$TAG-$kind-$op-$tool
           m=$(med "$RES" "$l" 3); [ "$m" = NA ] && continue
           v=$(rate "$l")
-          rss=-; hm=-; af=-
+          rss=-; hm=-; af=-; dc=-
           case $tool in pitr*)
+            dc=$(med "$DRES" "$l" 4)
             rss=$(awk -v k="$(maxcol "$l" 3)" 'BEGIN{printf "%.0f", k/1024}')
             af=$(awk -v a="$(maxcol "$l" 11)" -v f="$(maxcol "$l" 12)" 'BEGIN{printf "%.0f/%.0f", a/1024, f/1024}')
             [ "$op" = get ] && hm="$(med "$DRES" "$l" 5)/$(med "$DRES" "$l" 6)";;
           esac
-          printf '%-6s %-5s %-11s %8.2f %8s %7s %7s %9s %8s %8s %9s\n' "$kind" "$op" "$tool" "$m" "$v" \
-            "$(med "$RES" "$l" 4)" "$rss" "$af" "$( [ "$tool" = pgbr-async ] && echo - || div "$v" "$base")" \
+          printf '%-6s %-5s %-11s %8.2f %8s %7s %7s %7s %9s %8s %8s %9s\n' "$kind" "$op" "$tool" "$m" "$v" \
+            "$(med "$RES" "$l" 4)" "$dc" "$rss" "$af" "$( [ "$tool" = pgbr-async ] && echo - || div "$v" "$base")" \
             "$( [ "$kind" = local ] && awk -v a="$v" -v b="$lim" 'BEGIN{printf "%.0f%%", 100*a/b}' || echo -)" "$hm"
         done
       done
       echo "$kind repository bytes: pgBackRest $(awk -v t="$TAG" -v k="$kind" '$1==t && $2==k && $3=="pgbr-async"{print $5}' "$OUTDIR/sizes.txt"), pitr $(awk -v t="$TAG" -v k="$kind" '$1==t && $2==k && $3=="pitr"{print $5}' "$OUTDIR/sizes.txt")"
     done
     echo
-    printf '%-34s %8s %8s %8s\n' "hook latency, archived segment" p50_ms p99_ms max_ms
+    printf '%-34s %8s %8s %8s %7s\n' "hook latency, archived segment" p50_ms p99_ms max_ms failed
     for kind in $REPOS; do
       for l in "$TAG-$kind-lat-pitr-daemon" "$TAG-$kind-lat-pitr-direct" "$TAG-$kind-lat-pgbr-async"; do
-        printf '%-34s %8s %8s %8s\n' "$l" "$(pct "$l" 50)" "$(pct "$l" 99)" "$(pct "$l" 100)"
+        printf '%-34s %8s %8s %8s %7s\n' "$l" "$(pct "$l" 50)" "$(pct "$l" 99)" "$(pct "$l" 100)" \
+          "$(awk -F'\t' -v l="$l" '$1==l && $4!="" && $4+0!=0{n++} END{print n+0}' "$LRES")"
       done
     done
   done
@@ -601,7 +624,7 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
   echo
   echo "MiB/s = corpus bytes / median wall time (start of daemon or first hook -> last hook returned);"
   echo "vs_pgbr = pitr MiB/s / pgBackRest MiB/s; of_limit = MiB/s / (zstd -1 -T2 for push, fsync'd copy for get);"
-  echo "cpu_s = machine-wide busy CPU seconds in the window; rss_MiB = max VmHWM of the daemon over the runs;"
+  echo "cpu_s = machine-wide busy CPU seconds in the window (median), dmn_cpu = the daemon's own (median); rss_MiB = max VmHWM of the daemon over the runs;"
   echo "anon/file = peak RssAnon / peak RssFile (MiB) sampled every 50 ms (RssFile: mmapped page cache, e.g. WAL files);"
   echo "hits/miss = median prefetch hits / misses per get run. Per-run rows: results.tsv, daemon.tsv, latency.tsv."
 } | tee "$OUTDIR/summary.txt"

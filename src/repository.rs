@@ -300,7 +300,7 @@ impl Repository {
             options.clone(),
             self.keyring.clone(),
         );
-        let capacity = (content.length / 4).min(64 << 20) as usize;
+        let capacity = (content.length / 8).min(8 << 20) as usize;
         let encoded = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&path_owned).map_err(EnvelopeError::Source)?;
             envelope::encode(

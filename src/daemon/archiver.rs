@@ -29,7 +29,7 @@ use crate::repository::{Repository, WAL_PREFIX};
 use crate::wal::WalFileName;
 
 /// Memory the in-flight uploads may hold, in MiB (each holds about one encoded segment).
-const UPLOAD_MEMORY_MIB: u32 = 96;
+const UPLOAD_MEMORY_MIB: u32 = 64;
 const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 
 type Upload = Shared<BoxFuture<'static, Result<PushOutcome, String>>>;

@@ -101,7 +101,7 @@ NSEG_FOUND=$(count_segs)
 
 # ---------------------------------------------------------------- 2. pitr binary
 if [ -z "${PITR_BIN:-}" ]; then
-  while busy; do log "another cargo/rustc is running; waiting before cargo build"; sleep 20; done
+  while pgrep -x cargo >/dev/null || pgrep -x rustc >/dev/null; do log "another cargo/rustc is running; waiting before cargo build"; sleep 20; done
   log "cargo build --release in $ROOT"
   (cd "$ROOT" && cargo build --release --quiet) >&2
   PITR_BIN=$ROOT/target/release/pitr

@@ -49,11 +49,12 @@
 # Knobs (environment):
 #   BL=/tmp/bl  CORPUS=$BL/corpus  PGBIN=/usr/lib/postgresql/15/bin
 #   PITR_BIN=                 pitr binary (copied into WORK); without it `cargo build --release`
-#   RUNS=5  PITR_RUNS=3       repetitions of part A (backup/restore) and of part B (PITR)
+#   RUNS=7  PITR_RUNS=5       repetitions of part A (backup/restore) and of part B (PITR)
 #   CONC=2                    pitr --concurrency = pgBackRest process-max
 #   TARGET_FRAC=0.85          PITR target within the timed pgbench run
 #   LIVE_PORT=54341 STBY_PORT=54342 PITR_PORT=54343   ports (unix socket in /tmp only)
 #   WAIT_IDLE=1               before every timed phase, wait while daemon_bench.sh/cargo/rustc run
+#   ATTEMPTS=4                a timed run disturbed by one of them is discarded and repeated
 #   WORK=/tmp/pitr-bench/bwork  OUTDIR=/tmp/pitr-bench/backup-results
 # Outputs in OUTDIR: results.tsv (label run wall_s user_s sys_s busy), summary.txt (also
 # printed), pitr_verify.txt, bench.log (stderr of the tools).
@@ -67,8 +68,8 @@ BASE=$CORPUS.base
 META=$CORPUS.meta
 SRC=${SRC:-$BL/src}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
-RUNS=${RUNS:-5}
-PITR_RUNS=${PITR_RUNS:-3}
+RUNS=${RUNS:-7}
+PITR_RUNS=${PITR_RUNS:-5}
 CONC=${CONC:-2}
 TARGET_FRAC=${TARGET_FRAC:-0.85}
 LIVE_PORT=${LIVE_PORT:-54341}
@@ -225,15 +226,25 @@ log "corpus $CORPUS: $NSEG segments; base data $DATA_BYTES bytes; $(pgbackrest v
 
 # timed LABEL RUN CMD... : whole-process wall/user/sys of CMD (children included)
 BUSY_SEEN=0
+# A run during which daemon_bench.sh/cargo/rustc was seen is discarded and repeated (up to
+# ATTEMPTS times; the last attempt is kept, marked busy=1). Timed commands must be repeatable:
+# a `prepare` function, if set, runs before every attempt.
+ATTEMPTS=${ATTEMPTS:-4}
+RETRIED=0
 timed() {
-  local label=$1 run=$2 w u s b=0; shift 2
-  wait_idle
-  busy && b=1
-  if ! /usr/bin/time -f '%e %U %S' -o "$WORK/time.out" "$@" >"$WORK/stdout.out" 2>"$WORK/stderr.out"; then
-    cat "$WORK/stdout.out" "$WORK/stderr.out" >&2
-    die "$label run $run failed (output above)"
-  fi
-  busy && b=1
+  local label=$1 run=$2 w u s b a; shift 2
+  for a in $(seq 1 "$ATTEMPTS"); do
+    [ -n "${prepare:-}" ] && $prepare
+    wait_idle
+    b=0; busy && b=1
+    if ! /usr/bin/time -f '%e %U %S' -o "$WORK/time.out" "$@" >"$WORK/stdout.out" 2>"$WORK/stderr.out"; then
+      cat "$WORK/stdout.out" "$WORK/stderr.out" >&2
+      die "$label run $run failed (output above)"
+    fi
+    busy && b=1
+    [ "$b" = 0 ] && break
+    if [ "$a" -lt "$ATTEMPTS" ]; then RETRIED=$((RETRIED + 1)); log "daemon_bench/cargo/rustc ran during $label #$run: discarded, repeating"; fi
+  done
   [ "$b" = 1 ] && { BUSY_SEEN=1; log "WARNING: daemon_bench/cargo/rustc ran during $label #$run"; }
   { echo "== $label #$run"; cat "$WORK/stdout.out" "$WORK/stderr.out"; } >>"$OUTDIR/bench.log"
   read -r w u s <"$WORK/time.out"
@@ -270,32 +281,35 @@ set_archive() {   # archive_command for LIVE, effective once `show` returns it
 }
 cat "$LIVE"/base/*/* >/dev/null 2>&1 || true     # both tools read a warm page cache
 RESTORE_A=$WORK/restore-a
-backup_pgbr() {   # run: fresh repository, archive_command = its archive-push, online full backup
+prep_backup_pgbr() {   # fresh repository, archive_command = its archive-push
   set_archive "$(printf '%s ' "${PGBR_LIVE[@]}")archive-push %p"
   rm -rf "$WORK/pgbr-live-repo"; fresh_dir "$WORK/pgbr-live-repo"
   as_pg "${PGBR_LIVE[@]}" stanza-create >/dev/null
   sync
-  timed backup-pgbackrest "$1" runuser -u postgres -- "${PGBR_LIVE[@]}" --type=full backup
 }
-backup_pitr() {
+backup_pgbr() {   # online full backup
+  prepare=prep_backup_pgbr timed backup-pgbackrest "$1" runuser -u postgres -- "${PGBR_LIVE[@]}" --type=full backup
+}
+prep_backup_pitr() {
   set_archive "$(printf '%s ' "${PITR_LIVE[@]}")archive-push %p"
   fresh_dir "$WORK/pitr-live-repo"
   sync
-  timed backup-pitr "$1" runuser -u postgres -- "${PGENV[@]}" PGPORT="$LIVE_PORT" \
+}
+backup_pitr() {
+  prepare=prep_backup_pitr timed backup-pitr "$1" runuser -u postgres -- "${PGENV[@]}" PGPORT="$LIVE_PORT" \
     "${PITR_LIVE[@]}" backup --pgdata "$LIVE" --concurrency "$CONC"
 }
 # full restores into an empty directory (no target: pitr to the end of the archive, pgBackRest
 # its default recovery type), each followed by syncfs of the restored directory
+prep_restore() { rm -rf "$RESTORE_A"; fresh_dir "$RESTORE_A"; sync; }
 restore_pgbr() {
-  fresh_dir "$RESTORE_A"; sync
-  timed restore-pgbackrest "$1" runuser -u postgres -- sh -c \
+  prepare=prep_restore timed restore-pgbackrest "$1" runuser -u postgres -- sh -c \
     "$(printf '%q ' "${PGBR_LIVE[@]}") --pg1-path=$RESTORE_A restore && sync -f $RESTORE_A"
   RB_PGBR=$(du -sb "$RESTORE_A" | cut -f1)
   rm -rf "$RESTORE_A"
 }
 restore_pitr() {
-  fresh_dir "$RESTORE_A"; sync
-  timed restore-pitr "$1" runuser -u postgres -- sh -c \
+  prepare=prep_restore timed restore-pitr "$1" runuser -u postgres -- sh -c \
     "$(printf '%q ' "${PITR_LIVE[@]}") restore --pgdata $RESTORE_A --concurrency $CONC && sync -f $RESTORE_A"
   RB_PITR=$(du -sb "$RESTORE_A" | cut -f1)
   rm -rf "$RESTORE_A"
@@ -359,7 +373,7 @@ timed backup-base-pgbackrest-offline 1 runuser -u postgres -- "${PGBR_PITR[@]}" 
 SET=$(ls "$WORK/pgbr-pitr-repo/backup/bench" | grep -E '^[0-9]{8}-[0-9]{6}F$' | tail -1)
 pg_start "$STBY" "$WORK/standby.log" "-c port=$STBY_PORT"
 [ "$(psql_at "$STBY_PORT" -c 'select pg_is_in_recovery()')" = t ] || die "$STBY is not a standby"
-timed backup-base-pitr-standby 1 runuser -u postgres -- "${PGENV[@]}" PGPORT="$STBY_PORT" \
+ATTEMPTS=1 timed backup-base-pitr-standby 1 runuser -u postgres -- "${PGENV[@]}" PGPORT="$STBY_PORT" \
   "${PITR_PITR[@]}" backup --pgdata "$STBY" --concurrency "$CONC"
 pg_stop "$STBY"
 BACKUP_JSON=$(as_pg "${PITR_PITR[@]}" list --output json)
@@ -372,7 +386,15 @@ GET_SYNC="pgbackrest --config=$WORK/pgbr-pitr.conf --stanza=bench --pg1-path=$P 
 GET_ASYNC="pgbackrest --config=$WORK/pgbr-pitr.conf --stanza=bench --pg1-path=$P --archive-async=y --process-max=$CONC --archive-get-queue-max=1GiB archive-get %f \"%p\""
 GET_CP="cp $CORPUS/%f \"%p\""
 GOT_ALL=$WORK/got.txt; : >"$GOT_ALL"
-pitr_case() {   # label kind run
+pitr_case() {   # label kind run: one clean attempt, or ATTEMPTS busy ones (the last is kept)
+  local a
+  for a in $(seq 1 "$ATTEMPTS"); do
+    pitr_attempt "$@" && return 0
+    if [ "$a" -lt "$ATTEMPTS" ]; then RETRIED=$((RETRIED + 1)); log "daemon_bench/cargo/rustc ran during $1 #$3: discarded, repeating"; fi
+  done
+  LAST_BUSY_KEEP=1 pitr_attempt "$@" || true
+}
+pitr_attempt() {   # label kind run; returns 1 (recording nothing) if it was disturbed
   local label=$1 kind=$2 r=$3 t0 t1 t2 t3 out got logf=$P.log restore_s
   pg_stop "$P" immediate
   rm -rf "$P" "$P.log" "$WORK/pgbr-spool/archive"; fresh_dir "$P"; sync
@@ -387,14 +409,14 @@ pitr_case() {   # label kind run
         --target-action=promote --recovery-option="restore_command=$cmd" >>"$OUTDIR/bench.log" 2>&1 \
         || die "$label #$r: pgbackrest restore failed"
       t1=$(now)
-      as_pg "$PGBIN/pg_ctl" -D "$P" -l "$P.log" -W start >/dev/null
+      as_pg "$PGBIN/pg_ctl" -D "$P" -l "$P.log" -W start >/dev/null || die "$label #$r: pg_ctl start failed"
       STARTED+=("$P") ;;
     pitr-floor)
       as_pg "${PITR_PITR[@]}" restore --pgdata "$P" --backup "$PITR_BACKUP" --target-time "$TARGET" \
         --concurrency "$CONC" >>"$OUTDIR/bench.log" 2>&1 || die "$label #$r: pitr restore failed"
       echo "restore_command = '${GET_CP//\'/\'\'}'" >>"$P/postgresql.auto.conf"
       t1=$(now)
-      as_pg "$PGBIN/pg_ctl" -D "$P" -l "$P.log" -W start >/dev/null
+      as_pg "$PGBIN/pg_ctl" -D "$P" -l "$P.log" -W start >/dev/null || die "$label #$r: pg_ctl start failed"
       STARTED+=("$P") ;;
     pitr)
       STARTED+=("$P")
@@ -413,6 +435,7 @@ pitr_case() {   # label kind run
   done
   t3=$(now)
   busy && b=1
+  if [ "$b" = 1 ] && [ -z "${LAST_BUSY_KEEP:-}" ]; then pg_stop "$P" immediate; return 1; fi
   [ "$b" = 1 ] && { BUSY_SEEN=1; log "WARNING: daemon_bench/cargo/rustc ran during $label #$r"; }
   got=$(psql_at "$PITR_PORT" -d pgbench -c "select count(*) from pgbench_history")
   out=$(psql_at "$PITR_PORT" -d pgbench -c "select 'max(mtime)='||max(mtime)||' timeline='||(select timeline_id from pg_control_checkpoint()) from pgbench_history")
@@ -467,7 +490,8 @@ MIB=$(awk -v b="$DATA_BYTES" 'BEGIN{printf "%.1f", b/1048576}')
   echo "both: zstd level 1, encrypted (pgBackRest aes-256-cbc, pitr keyring AES-256-GCM), 2 workers (process-max=$CONC / --concurrency $CONC), local-disk repositories"
   echo "runs: part A $RUNS, part B $PITR_RUNS (medians)"
   [ "$WAITED_S" -gt 0 ] && echo "note: waited $WAITED_S s in total for daemon_bench.sh/cargo/rustc before timed phases"
-  [ "$BUSY_SEEN" = 1 ] && echo "WARNING: daemon_bench.sh/cargo/rustc ran during some measurements; figures are pessimistic"
+  [ "$RETRIED" -gt 0 ] && echo "note: $RETRIED run(s) disturbed by daemon_bench.sh/cargo/rustc were discarded and repeated"
+  [ "$BUSY_SEEN" = 1 ] && echo "WARNING: daemon_bench.sh/cargo/rustc ran during some kept measurements (busy=1 in results.tsv); figures are pessimistic"
   echo
   echo "A. online full backup of the same running primary, and full restore into an empty directory"
   printf '%-22s %9s %9s %9s %9s %9s %12s\n' operation median_s min_s max_s cpu_s MiB/s pitr/pgbr

@@ -82,7 +82,8 @@ wait_idle() {
   done
   if [ $((SECONDS - t0)) -gt 0 ]; then
     WAITED_S=$((WAITED_S + SECONDS - t0))
-    log "waited $((SECONDS - t0)) s for the machine to be idle ($(for p in $BUSY_PROCS; do pgrep -x "$p" >/dev/null && printf '%s ' "$p"; done)running)"
+    local who; who=$(for p in $BUSY_PROCS; do pgrep -x "$p" >/dev/null && printf '%s ' "$p"; done; true)
+    log "waited $((SECONDS - t0)) s for the machine to be idle (${who:-CPU load from other processes})"
   fi
 }
 

@@ -21,9 +21,12 @@
 #   lat    archive-push of an already-archived segment, LAT_CALLS calls (+1 warm-up dropped):
 #          pitr through the daemon, pitr without daemon (direct), pgBackRest async; and the
 #          process-start floors /bin/true, `pitr --version`, `pgbackrest version`
-#   rss    VmHWM of the daemon process at the end of each push / get run
-#   limits (per corpus) zstd -1 on one and two cores on the concatenated corpus (push limit),
-#          an fsync'd copy of every segment (get limit), zstd -d (informational)
+#   rss    VmHWM of the daemon process at the end of each push / get run, and the peaks of
+#          RssAnon / RssFile sampled every 50 ms (RssFile: page cache the daemon has mmapped)
+#   limits (per corpus) zstd -1 on one and two cores on the concatenated corpus (push limit:
+#          two cores), a copy of every segment with fsync of file and directory, one and two at
+#          a time (get limit: the faster), zstd -d (informational)
+# The daemon's /status and /metrics are saved after every run (OUTDIR/snap/), its log per label.
 #
 # cpu_s is machine-wide busy time (/proc/stat) during the timed window, so it includes
 # pgBackRest's detached async process and the daemon alike.
@@ -105,7 +108,8 @@ wait_idle() {
   done
   if [ $((SECONDS - t0)) -gt 0 ]; then
     WAITED_S=$((WAITED_S + SECONDS - t0))
-    log "waited $((SECONDS - t0)) s for the machine to be idle ($(for p in $BUSY_PROCS; do pgrep -x "$p" >/dev/null && printf '%s ' "$p"; done)running)"
+    local who; who=$(for p in $BUSY_PROCS; do pgrep -x "$p" >/dev/null && printf '%s ' "$p"; done; true)
+    log "waited $((SECONDS - t0)) s for the machine to be idle (${who:-CPU load from other processes})"
   fi
 }
 cpu_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }

@@ -277,8 +277,18 @@ impl Archiver {
         let (sender, mut receiver) = tokio::sync::mpsc::channel::<()>(1);
         let watcher = {
             let sender = sender.clone();
-            notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-                let _ = sender.try_send(());
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Only a new or renamed status file matters. Access events must not count: every
+                // scan opens the directory, and reacting to that would rescan in a busy loop.
+                let relevant = event.is_ok_and(|event| {
+                    matches!(
+                        event.kind,
+                        notify::EventKind::Create(_) | notify::EventKind::Modify(_)
+                    )
+                });
+                if relevant {
+                    let _ = sender.try_send(());
+                }
             })
         };
         let _watcher = match watcher {

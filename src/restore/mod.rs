@@ -82,7 +82,13 @@ pub async fn run(settings: &Settings, options: &RestoreOptions) -> Result<()> {
     let size = identity.segment_size();
     let backups = catalog(&repository).await?;
     let backup = choose_backup(&backups, options)?;
-    println!("{}", explain_choice(backup, &options.target, &backups));
+    match &options.backup {
+        Some(_) => println!(
+            "restoring to {} from backup {} as chosen with --backup (consistent at LSN {}, timeline {})",
+            options.target, backup.id, backup.stop_lsn, backup.timeline.0
+        ),
+        None => println!("{}", explain_choice(backup, &options.target, &backups)),
+    }
     let archive = read_archive(&repository, size).await?;
     let path = timeline_path(backup, &archive, options.timeline)?;
     let last_needed = last_segment_needed(backup, options, &archive, &path, size)?;

@@ -80,11 +80,7 @@ fn archive_and_recover(workspace: &Workspace, store: &str, storage_root: &Path) 
         ));
         primary.sql("select pg_switch_wal()");
     }
-    primary.wait_for(
-        "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
-        "0",
-        Duration::from_secs(180),
-    );
+    primary.wait_until_archived(Duration::from_secs(180));
     let archiver = primary.sql("select archived_count, failed_count from pg_stat_archiver");
     let (archived, failed) = archiver.split_once('|').unwrap();
     assert_eq!(
@@ -102,7 +98,7 @@ fn archive_and_recover(workspace: &Workspace, store: &str, storage_root: &Path) 
         .map(|table| primary.sql(&format!("select count(*) from {table}")))
         .collect();
 
-    let segments = round_trip_every_archived_segment(workspace, &config, &primary.data);
+    let segments = support::round_trip_archived_segments(workspace, &config, &primary.data);
     assert!(segments >= 20, "only {segments} segments round-tripped");
     assert_marker_only_in_plaintext(&primary.data.join("pg_wal"), storage_root);
     primary.stop();
@@ -136,43 +132,6 @@ fn archive_and_recover(workspace: &Workspace, store: &str, storage_root: &Path) 
         log.matches("restored log file").count() >= 20,
         "recovery did not replay from the archive:\n{log}"
     );
-}
-
-/// Fetches every segment Postgres marked archived and compares it with the original in pg_wal.
-fn round_trip_every_archived_segment(workspace: &Workspace, config: &Path, data: &Path) -> usize {
-    let fetched = workspace.path("fetched");
-    std::fs::create_dir(&fetched).unwrap();
-    workspace.give_to_postgres(&fetched);
-    let mut count = 0;
-    for entry in std::fs::read_dir(data.join("pg_wal/archive_status"))
-        .unwrap()
-        .flatten()
-    {
-        let status = entry.file_name().into_string().unwrap();
-        let Some(name) = status.strip_suffix(".done") else {
-            continue;
-        };
-        if name.len() != 24 {
-            continue;
-        }
-        let destination = fetched.join(name);
-        let output = workspace.pitr(
-            config,
-            &["archive-get", name, destination.to_str().unwrap()],
-        );
-        assert!(
-            output.status.success(),
-            "archive-get {name}: {}",
-            support::stderr_of(&output)
-        );
-        let original = std::fs::read(data.join("pg_wal").join(name)).unwrap();
-        assert!(
-            std::fs::read(&destination).unwrap() == original,
-            "{name} differs from its original"
-        );
-        count += 1;
-    }
-    count
 }
 
 /// The marker is in the WAL Postgres wrote, and in no object the repository stores.

@@ -70,11 +70,7 @@ impl Ledger {
         ledger.restore_point_after = 30;
         ledger.write(31..=45);
         ledger.primary.sql("select pg_switch_wal()");
-        ledger.primary.wait_for(
-            "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
-            "0",
-            Duration::from_secs(60),
-        );
+        ledger.primary.wait_until_archived(Duration::from_secs(60));
         ledger
     }
 
@@ -332,11 +328,7 @@ fn incremental_backups_and_delta_restores_match_clean_ones() {
     );
 
     ledger.primary.sql("select pg_switch_wal()");
-    ledger.primary.wait_for(
-        "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
-        "0",
-        Duration::from_secs(60),
-    );
+    ledger.primary.wait_until_archived(Duration::from_secs(60));
     let expected = ledger
         .primary
         .sql("select count(*), sum(length(payload)) from bulk");
@@ -428,11 +420,7 @@ fn a_backup_under_load_restores_consistent_and_follows_a_timeline_switch() {
     ledger.backup();
     load.join().unwrap();
     primary.sql("select pg_switch_wal()");
-    primary.wait_for(
-        "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
-        "0",
-        Duration::from_secs(60),
-    );
+    primary.wait_until_archived(Duration::from_secs(60));
     let expected = primary.sql("select count(*), sum(abalance) from pgbench_accounts");
 
     // Restore to the end, promote (timeline 2), write more there, then restore to a time on timeline 2.
@@ -484,11 +472,7 @@ fn a_backup_under_load_restores_consistent_and_follows_a_timeline_switch() {
     std::thread::sleep(Duration::from_millis(50));
     promoted.sql("insert into ledger values (1001, 'later on timeline 2')");
     promoted.sql("select pg_switch_wal()");
-    promoted.wait_for(
-        "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
-        "0",
-        Duration::from_secs(60),
-    );
+    promoted.wait_until_archived(Duration::from_secs(60));
     promoted.stop();
 
     let ids = ledger.restore("on_timeline_2", &["--target-time", &format!("{after}+00")]);

@@ -59,53 +59,10 @@ fn switch_segments(cluster: &Cluster, rounds: usize) {
     }
 }
 
-fn wait_until_archived(cluster: &Cluster, limit: Duration) {
-    cluster.wait_for(
-        "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
-        "0",
-        limit,
-    );
-}
-
 fn archived_and_failed(cluster: &Cluster) -> (u64, u64) {
     let row = cluster.sql("select archived_count, failed_count from pg_stat_archiver");
     let (archived, failed) = row.split_once('|').unwrap();
     (archived.parse().unwrap(), failed.parse().unwrap())
-}
-
-/// Every segment Postgres marked archived comes back byte-identical through `archive-get`.
-fn assert_round_trips(workspace: &Workspace, config: &Path, data: &Path) -> usize {
-    let fetched = workspace.path("fetched");
-    let _ = std::fs::remove_dir_all(&fetched);
-    std::fs::create_dir(&fetched).unwrap();
-    workspace.give_to_postgres(&fetched);
-    let mut count = 0;
-    for entry in std::fs::read_dir(data.join("pg_wal/archive_status"))
-        .unwrap()
-        .flatten()
-    {
-        let status = entry.file_name().into_string().unwrap();
-        let Some(name) = status.strip_suffix(".done").filter(|name| name.len() == 24) else {
-            continue;
-        };
-        let destination = fetched.join(name);
-        let output = workspace.pitr(
-            config,
-            &["archive-get", name, destination.to_str().unwrap()],
-        );
-        assert!(
-            output.status.success(),
-            "archive-get {name}: {}",
-            stderr_of(&output)
-        );
-        assert!(
-            std::fs::read(&destination).unwrap()
-                == std::fs::read(data.join("pg_wal").join(name)).unwrap(),
-            "{name} differs"
-        );
-        count += 1;
-    }
-    count
 }
 
 #[test]
@@ -130,7 +87,7 @@ fn the_daemon_archives_ahead_survives_kill_9_and_guards_its_interfaces() {
     let mut daemon = DaemonProcess::start(&workspace, &config, &primary, http_port);
 
     switch_segments(&primary, 30);
-    wait_until_archived(&primary, Duration::from_secs(120));
+    primary.wait_until_archived(Duration::from_secs(120));
     let before_kill = daemon.metrics();
     let answered = metric(&before_kill, "pitr_hook_requests_total{result=\"durable\"}")
         + metric(&before_kill, "pitr_hook_requests_total{result=\"waited\"}");
@@ -147,11 +104,11 @@ fn the_daemon_archives_ahead_survives_kill_9_and_guards_its_interfaces() {
 
     daemon.kill_hard();
     switch_segments(&primary, 10);
-    wait_until_archived(&primary, Duration::from_secs(120));
+    primary.wait_until_archived(Duration::from_secs(120));
 
     let daemon = DaemonProcess::start(&workspace, &config, &primary, http_port);
     switch_segments(&primary, 30);
-    wait_until_archived(&primary, Duration::from_secs(120));
+    primary.wait_until_archived(Duration::from_secs(120));
     let after_restart = daemon.metrics();
     let answered = metric(
         &after_restart,
@@ -168,7 +125,7 @@ fn the_daemon_archives_ahead_survives_kill_9_and_guards_its_interfaces() {
     let (archived, failed) = archived_and_failed(&primary);
     assert_eq!(failed, 0, "{}", primary.log());
     assert!(archived >= 70, "only {archived} archived");
-    assert!(assert_round_trips(&workspace, &config, &primary_data) >= 64);
+    assert!(support::round_trip_archived_segments(&workspace, &config, &primary_data) >= 64);
     let listing = workspace.pitr(&config, &["wal", "list", "--output", "json"]);
     let listing: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap();
     assert_eq!(
@@ -248,7 +205,7 @@ fn a_store_outage_fails_fast_keeps_the_wal_and_recovers() {
     primary.sql("create table ledger (round int, item int)");
     let daemon = DaemonProcess::start(&workspace, &config, &primary, http_port);
     switch_segments(&primary, 5);
-    wait_until_archived(&primary, Duration::from_secs(60));
+    primary.wait_until_archived(Duration::from_secs(60));
 
     let s3 = s3.stop();
     switch_segments(&primary, 5);
@@ -284,8 +241,8 @@ fn a_store_outage_fails_fast_keeps_the_wal_and_recovers() {
     assert!(metric(&metrics, "pitr_archive_failures_total") > 0.0);
 
     let _s3 = s3.restart();
-    wait_until_archived(&primary, Duration::from_secs(120));
-    assert!(assert_round_trips(&workspace, &config, &primary_data) >= 10);
+    primary.wait_until_archived(Duration::from_secs(120));
+    assert!(support::round_trip_archived_segments(&workspace, &config, &primary_data) >= 10);
     let (code, body) = http(http_port, "GET", "/readyz", None);
     assert_eq!(code, 200, "{body}");
 }
@@ -312,7 +269,7 @@ fn recovery_is_fed_by_prefetch_across_a_timeline_switch() {
     let primary_daemon = DaemonProcess::start(&workspace, &primary_config, &primary, primary_http);
     let backup = primary.base_backup(&workspace, "backup");
     switch_segments(&primary, 24);
-    wait_until_archived(&primary, Duration::from_secs(120));
+    primary.wait_until_archived(Duration::from_secs(120));
     let expected = primary.sql("select count(*) from ledger");
     primary.stop();
     drop(primary_daemon);
@@ -337,7 +294,7 @@ fn recovery_is_fed_by_prefetch_across_a_timeline_switch() {
         "2"
     );
     switch_segments(&replica, 8);
-    wait_until_archived(&replica, Duration::from_secs(120));
+    replica.wait_until_archived(Duration::from_secs(120));
     let expected_after_switch = replica.sql("select count(*) from ledger");
     replica.stop();
     drop(first_daemon);
@@ -409,7 +366,7 @@ fn archive_get_without_a_daemon_prefetches_into_a_spool() {
     primary.start();
     primary.sql("create table ledger (round int, item int)");
     switch_segments(&primary, 8);
-    wait_until_archived(&primary, Duration::from_secs(60));
+    primary.wait_until_archived(Duration::from_secs(60));
     let mut segments: Vec<String> = std::fs::read_dir(primary.data.join("pg_wal/archive_status"))
         .unwrap()
         .flatten()

@@ -347,6 +347,15 @@ impl Cluster {
         target
     }
 
+    /// Waits until Postgres has archived every WAL file it marked ready.
+    pub fn wait_until_archived(&self, limit: Duration) {
+        self.wait_for(
+            "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
+            "0",
+            limit,
+        );
+    }
+
     /// Waits until `sql` returns `expected`, failing with the server log after `limit`.
     pub fn wait_for(&self, sql: &str, expected: &str, limit: Duration) {
         let start = Instant::now();
@@ -651,4 +660,39 @@ pub fn assert_valid_prometheus_text(text: &str) {
             "bad value in: {line}"
         );
     }
+}
+
+/// Every segment Postgres marked archived comes back byte-identical through `archive-get`.
+pub fn round_trip_archived_segments(workspace: &Workspace, config: &Path, data: &Path) -> usize {
+    let fetched = workspace.path("fetched");
+    let _ = std::fs::remove_dir_all(&fetched);
+    std::fs::create_dir(&fetched).unwrap();
+    workspace.give_to_postgres(&fetched);
+    let mut count = 0;
+    for entry in std::fs::read_dir(data.join("pg_wal/archive_status"))
+        .unwrap()
+        .flatten()
+    {
+        let status = entry.file_name().into_string().unwrap();
+        let Some(name) = status.strip_suffix(".done").filter(|name| name.len() == 24) else {
+            continue;
+        };
+        let destination = fetched.join(name);
+        let output = workspace.pitr(
+            config,
+            &["archive-get", name, destination.to_str().unwrap()],
+        );
+        assert!(
+            output.status.success(),
+            "archive-get {name}: {}",
+            stderr_of(&output)
+        );
+        assert!(
+            std::fs::read(&destination).unwrap()
+                == std::fs::read(data.join("pg_wal").join(name)).unwrap(),
+            "{name} differs"
+        );
+        count += 1;
+    }
+    count
 }

@@ -157,6 +157,17 @@ enum WalCommand {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
+    /// Show what one archived segment holds for recovery targets: its transaction ends (commit
+    /// and abort times) and restore points, from the commit-timestamp index.
+    #[command(
+        after_help = "Examples:\n  pitr wal show 000000010000000000000042\n  pitr wal show 000000010000000000000042 --output json | jq .summary.latest_time"
+    )]
+    Show {
+        /// The segment's file name.
+        segment: String,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -337,6 +348,16 @@ async fn run(
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Wal {
+            command: WalCommand::Show { segment, output },
+        } => {
+            let shown = wal_list::show_segment(settings, segment).await?;
+            match output {
+                OutputFormat::Table => wal_list::print_segment(&shown),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&shown)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -351,7 +372,12 @@ fn fail(command: &Command, error: &anyhow::Error) -> ExitCode {
         Command::Backup { .. } => "backup",
         Command::Restore { .. } => "restore",
         Command::List { .. } => "list",
-        Command::Wal { .. } => "wal list",
+        Command::Wal {
+            command: WalCommand::List { .. },
+        } => "wal list",
+        Command::Wal {
+            command: WalCommand::Show { .. },
+        } => "wal show",
     };
     eprintln!(
         "pitr {name}: error: {}",

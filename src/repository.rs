@@ -286,6 +286,15 @@ impl Repository {
         format!("{WAL_PREFIX}/{}/{name}", name.timeline())
     }
 
+    /// Whether `key` already exists in a `file://` repository; always false for a remote store.
+    /// A stat costs nothing locally, so a repeated push can skip encoding entirely; remotely the
+    /// extra round trip would slow every first push, so the create-only write finds out instead.
+    pub fn exists_locally(&self, key: &str) -> bool {
+        self.local_root
+            .as_ref()
+            .is_some_and(|root| root.join(self.location(key).as_ref()).is_file())
+    }
+
     /// Encodes a local file and stores it under `key`, create-only.
     pub async fn put_file(
         &self,

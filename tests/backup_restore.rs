@@ -167,6 +167,16 @@ fn restores_land_exactly_on_every_kind_of_target() {
         ledger.ids_through(24)
     );
 
+    // Exclusive, the last commit in the archive is reachable: recovery stops just before it.
+    let last = format!("{}+00", commit(45).2);
+    assert_eq!(
+        ledger.restore(
+            "time_exclusive_last",
+            &["--target-time", &last, "--target-exclusive"]
+        ),
+        ledger.ids_through(44)
+    );
+
     assert_eq!(
         ledger.restore("lsn", &["--target-lsn", &commit(38).3]),
         ledger.ids_through(38)
@@ -212,12 +222,22 @@ fn restore_refuses_bad_input_before_downloading() {
     );
     let message = restore("too_early", &["--target-time", "2000-01-01 00:00:00+00"]);
     assert!(message.starts_with("pitr restore: error: time 2000-01-01 00:00:00.000000+00:00 is before the end of the earliest backup ("), "{message}");
-    let message = restore("too_late", &["--target-time", "2099-01-01 00:00:00+00"]);
-    assert!(
-        message.contains("is later than the end of the archive (the newest WAL was archived at "),
-        "{message}"
+    // Postgres can stop at a time only by replaying the first transaction that ended after
+    // it, so a target equal to the last commit in the archive is already too late.
+    let (_, last_xid, last_time, _) = ledger.commits.last().unwrap();
+    let beyond = "Postgres stops at a time only on reaching the first transaction that ended after it, so recovery would end in FATAL. Restore without a target to reach the end of the archive, or wait until more WAL is archived";
+    assert_eq!(
+        restore("too_late", &["--target-time", &format!("{last_time}+00")]),
+        format!(
+            "pitr restore: error: time {last_time}+00:00 is not before the last transaction end in the archive (transaction {last_xid}, committed at {last_time}+00); {beyond}"
+        )
     );
-    assert!(message.ends_with("restore without a target to reach the end of the archive, or wait until more WAL is archived"), "{message}");
+    assert_eq!(
+        restore("far_too_late", &["--target-time", "2099-01-01 00:00:00+00"]),
+        format!(
+            "pitr restore: error: time 2099-01-01 00:00:00.000000+00:00 is not before the last transaction end in the archive (transaction {last_xid}, committed at {last_time}+00); {beyond}"
+        )
+    );
 
     let occupied = workspace.path("occupied");
     std::fs::create_dir(&occupied).unwrap();

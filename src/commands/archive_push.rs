@@ -110,6 +110,7 @@ pub async fn push(
         .await?
         .with_context(|| format!("cannot read {}", file.path.display()))?;
     let key = Repository::wal_key(&file.name);
+    let known_to_exist = known_to_exist || repository.exists_locally(&key);
     if !known_to_exist
         && repository
             .put_file(&key, &file.path, content, options)

@@ -5,7 +5,9 @@ use serde::Serialize;
 
 use crate::backup::catalog;
 use crate::config::Settings;
-use crate::repository::Repository;
+use crate::repository::{Repository, WAL_PREFIX};
+use crate::restore::reach::ArchiveIndex;
+use crate::wal::{PgVersion, SegmentName, TimelineId};
 
 /// One backup as `--output json` prints it.
 #[derive(Debug, Serialize)]
@@ -27,8 +29,11 @@ pub struct Window {
     pub timeline: u32,
     /// The earliest time a restore can target: the end of the oldest backup.
     pub earliest: Option<String>,
-    /// When the newest WAL on this timeline was archived; targets must lie before it.
-    pub wal_archived_until: Option<String>,
+    /// When the last transaction in this timeline's archived WAL ended (commit or abort, from
+    /// the commit-timestamp index): a time target must lie before it.
+    pub latest: Option<String>,
+    /// That transaction's id.
+    pub latest_xid: Option<u32>,
     pub gaps: usize,
 }
 
@@ -39,31 +44,32 @@ pub struct Listing {
     pub windows: Vec<Window>,
 }
 
+/// How many segments back from the end of a timeline `pitr list` looks for its last
+/// transaction; an archive idle for longer shows no `latest`.
+const SEARCHED_SEGMENTS: usize = 64;
+
 pub async fn collect(settings: &Settings) -> Result<Listing> {
     let repository = Repository::open(settings)?;
     let backups = catalog(&repository).await?;
     let wal = crate::commands::wal_list::collect(settings).await?;
-    let times = repository.list(crate::repository::WAL_PREFIX).await?;
+    let identity = repository.require_identity().await?;
+    let size = identity.segment_size();
+    let index = ArchiveIndex::new(&repository, size, PgVersion(identity.pg_version));
     let earliest = backups.first().map(|backup| backup.stop_time.to_rfc3339());
-    let windows = wal
-        .timelines
-        .iter()
-        .map(|timeline| Window {
+    let mut windows = Vec::new();
+    for timeline in &wal.timelines {
+        let segments = archived_segments(&repository, TimelineId(timeline.timeline)).await?;
+        let last = index
+            .last_transaction_end(&segments, SEARCHED_SEGMENTS)
+            .await?;
+        windows.push(Window {
             timeline: timeline.timeline,
             earliest: earliest.clone(),
-            wal_archived_until: times
-                .iter()
-                .filter(|meta| {
-                    meta.location
-                        .as_ref()
-                        .contains(&format!("/{:08X}/", timeline.timeline))
-                })
-                .map(|meta| meta.last_modified)
-                .max()
-                .map(|time| time.to_rfc3339()),
+            latest: last.map(|(_, _, latest)| latest.to_utc().to_rfc3339()),
+            latest_xid: last.map(|(_, end, _)| end.xid),
             gaps: timeline.gaps.len(),
-        })
-        .collect();
+        });
+    }
     Ok(Listing {
         repository: repository.url.clone(),
         backups: backups
@@ -82,6 +88,29 @@ pub async fn collect(settings: &Settings) -> Result<Listing> {
             .collect(),
         windows,
     })
+}
+
+/// The segments archived on one timeline, in order.
+async fn archived_segments(
+    repository: &Repository,
+    timeline: TimelineId,
+) -> Result<Vec<SegmentName>> {
+    let prefix = format!("{WAL_PREFIX}/{timeline}");
+    let mut segments: Vec<SegmentName> = repository
+        .list(&prefix)
+        .await?
+        .iter()
+        .filter_map(|meta| {
+            repository
+                .relative_key(meta)
+                .rsplit('/')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    segments.sort();
+    Ok(segments)
 }
 
 pub fn print_table(listing: &Listing) {
@@ -107,10 +136,14 @@ pub fn print_table(listing: &Listing) {
     println!("\nrecoverable window");
     for window in &listing.windows {
         println!(
-            "timeline {:<3} from {} until WAL archived at {}{}",
+            "timeline {:<3} from {} until {}{}",
             window.timeline,
             window.earliest.as_deref().unwrap_or("(no backup yet)"),
-            window.wal_archived_until.as_deref().unwrap_or("-"),
+            match (&window.latest, window.latest_xid) {
+                (Some(time), Some(xid)) =>
+                    format!("{time} (transaction {xid}, the last in the archive)"),
+                _ => format!("- (no transaction in the last {SEARCHED_SEGMENTS} segments)"),
+            },
             if window.gaps > 0 {
                 format!(" ({} gaps: see `pitr wal list`)", window.gaps)
             } else {

@@ -1,13 +1,16 @@
-//! `pitr wal list`: what is archived, per timeline, and where the gaps are.
+//! `pitr wal list`: what is archived, per timeline, and where the gaps are; `pitr wal show`:
+//! what one segment holds for recovery targets.
 
 use std::collections::BTreeMap;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::config::Settings;
 use crate::repository::{Repository, WAL_PREFIX};
-use crate::wal::{SegmentName, TimelineId, WalFileName, WalSegmentSize};
+use crate::restore::reach::ArchiveIndex;
+use crate::wal::records::{PgTimestamp, SegmentSummary};
+use crate::wal::{PgVersion, SegmentName, TimelineId, WalFileName, WalSegmentSize};
 
 /// The archive of one timeline, as `--output json` prints it.
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -168,6 +171,68 @@ mod tests {
                 last_missing: "000000010000000100000000".into(),
                 missing_segments: 2
             }]
+        );
+    }
+}
+
+/// One segment's summary, as `pitr wal show --output json` prints it.
+#[derive(Debug, Serialize)]
+pub struct ShownSegment {
+    pub segment: String,
+    pub summary: SegmentSummary,
+}
+
+pub async fn show_segment(settings: &Settings, segment: &str) -> Result<ShownSegment> {
+    let name: SegmentName = segment.parse()?;
+    let repository = Repository::open(settings)?;
+    let identity = repository.require_identity().await?;
+    let size = identity.segment_size();
+    let index = ArchiveIndex::new(&repository, size, PgVersion(identity.pg_version));
+    let next = name.next(size);
+    let summary = index
+        .summary(name, Some(next))
+        .await?
+        .with_context(|| format!("{segment} is not in the archive; see `pitr wal list`"))?;
+    Ok(ShownSegment {
+        segment: segment.to_string(),
+        summary,
+    })
+}
+
+pub fn print_segment(shown: &ShownSegment) {
+    let summary = &shown.summary;
+    let time = |time: PgTimestamp| time.to_utc().format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
+    println!(
+        "{}: {} records, {} transaction ends, scan ended at {:?}",
+        shown.segment, summary.records, summary.transaction_ends, summary.end
+    );
+    for (label, end) in [
+        ("first", summary.first_transaction_end),
+        ("last", summary.last_transaction_end),
+    ] {
+        if let Some(end) = end {
+            println!(
+                "  {label} transaction end: xid {} {} at {} (LSN {})",
+                end.xid,
+                if end.committed {
+                    "committed"
+                } else {
+                    "aborted"
+                },
+                time(end.time),
+                end.lsn
+            );
+        }
+    }
+    if let Some(latest) = summary.latest_time {
+        println!("  latest transaction end time: {}", time(latest));
+    }
+    for point in &summary.restore_points {
+        println!(
+            "  restore point '{}' at {} (LSN {})",
+            point.name,
+            time(point.time),
+            point.lsn
         );
     }
 }

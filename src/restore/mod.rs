@@ -8,6 +8,7 @@
 //! written only after every other file is complete, so a restore that fails half-way leaves a
 //! directory Postgres refuses to start rather than one that starts with missing data.
 
+pub mod reach;
 pub mod target;
 pub mod timeline;
 
@@ -23,7 +24,9 @@ use crate::backup::take::permissions;
 use crate::backup::{BackupId, Manifest, ManifestFile, catalog};
 use crate::config::Settings;
 use crate::repository::{Repository, WAL_PREFIX};
-use crate::wal::{Lsn, TimelineId, WalFileName, WalSegmentSize};
+use crate::wal::records::PgTimestamp;
+use crate::wal::{Lsn, PgVersion, SegmentName, TimelineId, WalFileName, WalSegmentSize};
+use reach::ArchiveIndex;
 use target::RecoveryTarget;
 use timeline::{ArchivedSegments, TimelinePath, check_coverage};
 
@@ -70,7 +73,39 @@ pub struct RestoreOptions {
 struct ArchiveView {
     segments: ArchivedSegments,
     histories: HashMap<TimelineId, String>,
-    archived_at: Vec<(TimelineId, u64, chrono::DateTime<chrono::Utc>)>,
+    archived_at: Vec<(SegmentName, chrono::DateTime<chrono::Utc>)>,
+}
+
+impl ArchiveView {
+    /// The archived segments recovery reads from `first` on, in order, each from the timeline
+    /// the path assigns it; stops at the first one missing.
+    fn segments_on_path(
+        &self,
+        path: &TimelinePath,
+        first: u64,
+        size: WalSegmentSize,
+    ) -> Vec<SegmentName> {
+        let mut segments = Vec::new();
+        for number in first.. {
+            let timeline = path.timeline_of(number, size);
+            if !self
+                .segments
+                .get(&timeline)
+                .is_some_and(|numbers| numbers.contains(&number))
+            {
+                break;
+            }
+            segments.push(SegmentName::from_segment_number(timeline, number, size));
+        }
+        segments
+    }
+
+    /// Whether any timeline holds a segment numbered `number` or later.
+    fn has_segment_after(&self, number: u64) -> bool {
+        self.segments
+            .values()
+            .any(|numbers| numbers.range(number..).next().is_some())
+    }
 }
 
 pub async fn run(settings: &Settings, options: &RestoreOptions) -> Result<()> {
@@ -91,7 +126,8 @@ pub async fn run(settings: &Settings, options: &RestoreOptions) -> Result<()> {
     }
     let archive = read_archive(&repository, size).await?;
     let path = timeline_path(backup, &archive, options.timeline)?;
-    let last_needed = last_segment_needed(backup, options, &archive, &path, size)?;
+    let index = ArchiveIndex::new(&repository, size, PgVersion(identity.pg_version));
+    let last_needed = last_segment_needed(backup, options, &archive, &path, &index, size).await?;
     let first = backup.start_lsn.0 / u64::from(size.0);
     let reached = check_coverage(&archive.segments, &path, size, first, last_needed).map_err(|missing| {
         anyhow::anyhow!(
@@ -215,8 +251,7 @@ async fn read_archive(repository: &Repository, size: WalSegmentSize) -> Result<A
                     .entry(segment.timeline)
                     .or_default()
                     .insert(number);
-                view.archived_at
-                    .push((segment.timeline, number, meta.last_modified));
+                view.archived_at.push((segment, meta.last_modified));
             }
             Some(WalFileName::History(timeline)) => {
                 let bytes = repository
@@ -289,45 +324,91 @@ fn timeline_path(
 }
 
 /// The last segment recovery must find, or `None` to check through the end of the archive.
-fn last_segment_needed(
+async fn last_segment_needed(
     backup: &Manifest,
     options: &RestoreOptions,
     archive: &ArchiveView,
     path: &TimelinePath,
+    index: &ArchiveIndex<'_>,
     size: WalSegmentSize,
 ) -> Result<Option<u64>> {
     let segment_of = |lsn: Lsn| lsn.0 / u64::from(size.0);
+    let stop_segment = segment_of(backup.stop_lsn);
     Ok(match &options.target {
-        RecoveryTarget::Immediate => Some(segment_of(backup.stop_lsn)),
-        RecoveryTarget::Lsn(lsn) => Some(segment_of(*lsn).max(segment_of(backup.stop_lsn))),
+        RecoveryTarget::Immediate => Some(stop_segment),
+        RecoveryTarget::Lsn(lsn) => Some(segment_of(*lsn).max(stop_segment)),
         RecoveryTarget::Time(time) => {
-            // A segment is archived after every commit it holds, so the first commit after the
-            // target lies in or after the first segment archived after the target. If no
-            // segment was archived after it, that commit is not in the archive yet, and
-            // Postgres would end recovery with FATAL instead of stopping at the target.
-            let target = time.with_timezone(&chrono::Utc);
-            let after = archive
-                .archived_at
-                .iter()
-                .filter(|(timeline, number, at)| {
-                    path.timeline_of(*number, size) == *timeline && *at > target
-                })
-                .map(|(_, number, _)| *number)
-                .min();
-            let Some(after) = after else {
-                let newest = archive.archived_at.iter().map(|(_, _, at)| *at).max();
-                bail!(
-                    "{} is later than the end of the archive (the newest WAL was archived at {}), so Postgres cannot tell it has reached it and would end recovery with FATAL; restore without a target to reach the end of the archive, or wait until more WAL is archived",
-                    options.target,
-                    newest.map_or("never".to_string(), |at| at
-                        .format("%Y-%m-%d %H:%M:%S+00")
-                        .to_string())
-                );
-            };
-            Some(after.max(segment_of(backup.stop_lsn)))
+            let target = PgTimestamp::from_utc(time.with_timezone(&chrono::Utc));
+            let segments = archive.segments_on_path(path, stop_segment, size);
+            let start = search_start(archive, &segments, time.with_timezone(&chrono::Utc));
+            let found = index
+                .first_segment_ending_after(&segments[start..], target, options.inclusive)
+                .await?;
+            let after_last = segments
+                .last()
+                .map_or(stop_segment, |last| last.segment_number(size) + 1);
+            match found {
+                Some(segment) => Some(segment.segment_number(size).max(stop_segment)),
+                // WAL beyond a gap: the coverage check names the missing segment.
+                None if archive.has_segment_after(after_last) => Some(after_last),
+                None => bail!(target_beyond_archive(options, index, &segments).await?),
+            }
         }
         RecoveryTarget::EndOfArchive | RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => None,
     })
+}
+
+/// Where to start looking for the first transaction end after `time`. A segment is archived
+/// after every record it holds, so that transaction end lies in a segment archived after
+/// `time`; the search starts a little earlier, in case the store's clock runs ahead of the
+/// database's. Starting late only ever demands more WAL, never less.
+fn search_start(
+    archive: &ArchiveView,
+    segments: &[SegmentName],
+    time: chrono::DateTime<chrono::Utc>,
+) -> usize {
+    const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+    let archived_at: HashMap<SegmentName, chrono::DateTime<chrono::Utc>> =
+        archive.archived_at.iter().copied().collect();
+    segments
+        .iter()
+        .position(|segment| {
+            archived_at
+                .get(segment)
+                .is_some_and(|at| *at > time - CLOCK_SKEW)
+        })
+        .unwrap_or(segments.len().saturating_sub(1))
+}
+
+/// The refusal for a time no transaction end in the archive comes after, naming the last one.
+async fn target_beyond_archive(
+    options: &RestoreOptions,
+    index: &ArchiveIndex<'_>,
+    segments: &[SegmentName],
+) -> Result<String> {
+    const SEARCHED_SEGMENTS: usize = 256;
+    let last = match index
+        .last_transaction_end(segments, SEARCHED_SEGMENTS)
+        .await?
+    {
+        Some((_, end, latest)) => format!(
+            "the last transaction end in the archive (transaction {}, {} at {})",
+            end.xid,
+            if end.committed {
+                "committed"
+            } else {
+                "aborted"
+            },
+            latest.to_utc().format("%Y-%m-%d %H:%M:%S%.6f+00")
+        ),
+        None => format!(
+            "any transaction end in the archive (the last {SEARCHED_SEGMENTS} segments of this timeline path hold none)"
+        ),
+    };
+    Ok(format!(
+        "{} is not before {last}; Postgres stops at a time only on reaching the first transaction that ended after it, so recovery would end in FATAL. Restore without a target to reach the end of the archive, or wait until more WAL is archived",
+        options.target
+    ))
 }
 
 /// Downloads every file of the backup; pg_control last, so an interrupted restore cannot start.

@@ -5,6 +5,8 @@
 //! decides "is this file a WAL segment of this cluster, at this position" lives here, so the
 //! archive path can refuse a wrong file before a single byte is uploaded.
 
+pub mod records;
+
 use std::fmt;
 use std::io::Read;
 use std::path::Path;

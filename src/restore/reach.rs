@@ -1,0 +1,206 @@
+//! How far the archive lets recovery reach: the commit-timestamp index.
+//!
+//! Postgres stops at a target time only when it replays the first transaction end after that
+//! time; if the archive does not hold one, recovery ends in FATAL. So before anything is
+//! downloaded, the restore proves that such a record exists, and `pitr list` reports the last
+//! transaction end per timeline. Both read per-segment summaries (`wal::records`): the
+//! transaction ends and restore points a segment holds.
+//!
+//! A summary is computed from the archived segment the first time it is needed and stored
+//! beside it as `index/<timeline>/<segment>` through the same envelope and create-only writes
+//! as everything else. A segment never changes once archived, so neither does its summary; a
+//! summary that needed the next segment, not yet archived, is returned but not stored.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::EncodeOptions;
+use crate::repository::Repository;
+use crate::wal::records::{PgTimestamp, RecordScanner, ScanEnd, SegmentSummary, TransactionEnd};
+use crate::wal::{PgVersion, SegmentName, WalFileName, WalSegmentSize};
+
+pub const INDEX_PREFIX: &str = "index";
+const INDEX_FORMAT_VERSION: u32 = 1;
+
+/// The stored form of a summary (see docs/FORMAT.md, "Segment index").
+#[derive(Debug, Serialize, Deserialize)]
+struct IndexEntry {
+    format_version: u32,
+    segment: String,
+    summary: SegmentSummary,
+}
+
+/// Reads summaries of archived segments, computing and storing the missing ones.
+pub struct ArchiveIndex<'a> {
+    repository: &'a Repository,
+    size: WalSegmentSize,
+    pg_version: PgVersion,
+}
+
+impl<'a> ArchiveIndex<'a> {
+    pub fn new(repository: &'a Repository, size: WalSegmentSize, pg_version: PgVersion) -> Self {
+        ArchiveIndex {
+            repository,
+            size,
+            pg_version,
+        }
+    }
+
+    fn index_key(segment: SegmentName) -> String {
+        format!("{INDEX_PREFIX}/{}/{segment}", segment.timeline)
+    }
+
+    /// The summary of an archived segment. `next` is the segment recovery reads after it (on
+    /// the same or the next timeline), consulted only when a record straddles the boundary.
+    /// `None` when the segment itself is not archived.
+    pub async fn summary(
+        &self,
+        segment: SegmentName,
+        next: Option<SegmentName>,
+    ) -> Result<Option<SegmentSummary>> {
+        let key = Self::index_key(segment);
+        if let Some(bytes) = self.repository.read_bytes(&key).await? {
+            let entry: IndexEntry = serde_json::from_slice(&bytes)
+                .with_context(|| format!("the index entry {key} is not valid JSON"))?;
+            if entry.format_version == INDEX_FORMAT_VERSION {
+                return Ok(Some(entry.summary));
+            }
+        }
+        let Some(summary) = self.scan(segment, next).await? else {
+            return Ok(None);
+        };
+        if summary.end != ScanEnd::NeedsNextSegment {
+            let entry = IndexEntry {
+                format_version: INDEX_FORMAT_VERSION,
+                segment: segment.to_string(),
+                summary: summary.clone(),
+            };
+            let bytes = Bytes::from(serde_json::to_vec(&entry)?);
+            // Another process may have stored it meanwhile: the same segment gives the same
+            // summary, so either copy serves.
+            self.repository
+                .put_bytes(&key, bytes, &EncodeOptions::default())
+                .await?;
+        }
+        Ok(Some(summary))
+    }
+
+    async fn scan(
+        &self,
+        segment: SegmentName,
+        next: Option<SegmentName>,
+    ) -> Result<Option<SegmentSummary>> {
+        let scanner = SharedScanner::new(RecordScanner::new(
+            segment.start_lsn(self.size),
+            u64::from(self.size.0),
+            self.pg_version,
+        ));
+        let key = Repository::wal_key(&WalFileName::Segment(segment));
+        if self
+            .repository
+            .read_object(&key, scanner.clone())
+            .await?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        if scanner.lock().needs_next_segment()
+            && let Some(next) = next
+        {
+            scanner.lock().continue_into_next_segment();
+            let next_key = Repository::wal_key(&WalFileName::Segment(next));
+            // A next segment not archived yet leaves the record unfinished: the summary says
+            // so and is not stored.
+            self.repository
+                .read_object(&next_key, scanner.clone())
+                .await?;
+        }
+        Ok(Some(scanner.into_inner().finish()))
+    }
+
+    /// The first of `segments` (in recovery order) holding a transaction end after `time`
+    /// (at or after it when `inclusive` is false): where recovery to `time` stops.
+    pub async fn first_segment_ending_after(
+        &self,
+        segments: &[SegmentName],
+        time: PgTimestamp,
+        inclusive: bool,
+    ) -> Result<Option<SegmentName>> {
+        for (index, segment) in segments.iter().enumerate() {
+            let next = segments.get(index + 1).copied();
+            let Some(summary) = self.summary(*segment, next).await? else {
+                continue;
+            };
+            let reaches = summary.latest_time.is_some_and(|latest| {
+                if inclusive {
+                    latest > time
+                } else {
+                    latest >= time
+                }
+            });
+            if reaches {
+                return Ok(Some(*segment));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The last transaction end in `segments` (in recovery order), searching backwards from the
+    /// end through at most `limit` segments.
+    pub async fn last_transaction_end(
+        &self,
+        segments: &[SegmentName],
+        limit: usize,
+    ) -> Result<Option<(SegmentName, TransactionEnd, PgTimestamp)>> {
+        for (index, segment) in segments.iter().enumerate().rev().take(limit) {
+            let Some(summary) = self
+                .summary(*segment, segments.get(index + 1).copied())
+                .await?
+            else {
+                continue;
+            };
+            if let (Some(end), Some(latest)) = (summary.last_transaction_end, summary.latest_time) {
+                return Ok(Some((*segment, end, latest)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A scanner the repository can stream into and hand back even when the object is missing.
+#[derive(Clone)]
+struct SharedScanner(Arc<Mutex<RecordScanner>>);
+
+impl SharedScanner {
+    fn new(scanner: RecordScanner) -> Self {
+        SharedScanner(Arc::new(Mutex::new(scanner)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecordScanner> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn into_inner(self) -> RecordScanner {
+        match Arc::try_unwrap(self.0) {
+            Ok(mutex) => mutex
+                .into_inner()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            Err(_) => unreachable!("the repository returns the sink before this"),
+        }
+    }
+}
+
+impl std::io::Write for SharedScanner {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.lock().write(data)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -559,16 +559,68 @@ impl<R: Read> Read for ChunkOpener<R> {
     }
 }
 
+/// Objects up to this size are decoded on the calling thread alone: for a backup chunk or a
+/// small file, starting a writer thread and handing buffers across costs more than it saves.
+const INLINE_DECODE_LIMIT: u64 = 4 << 20;
+
+/// Decompresses, hashes and writes the plaintext, then checks its length and checksum.
+fn deliver_verified<W: Write + Send>(
+    plaintext: impl Read,
+    sink: W,
+    header: &Header,
+    object: &str,
+) -> Result<(), EnvelopeError> {
+    let (length, checksum) = if header.content.length <= INLINE_DECODE_LIMIT {
+        deliver_inline(plaintext, sink, header.content.length, object)?
+    } else {
+        deliver_pipelined(plaintext, sink, header.content.length, object)?
+    };
+    if length != header.content.length {
+        return Err(EnvelopeError::Truncated(object.to_string()));
+    }
+    if checksum != header.content.checksum {
+        return Err(EnvelopeError::ChecksumMismatch(object.to_string()));
+    }
+    Ok(())
+}
+
+fn deliver_inline<W: Write>(
+    mut plaintext: impl Read,
+    mut sink: W,
+    limit: u64,
+    object: &str,
+) -> Result<(u64, Checksum), EnvelopeError> {
+    let mut buffer = vec![0u8; COPY_BUFFER.min(limit as usize + 1).max(1)];
+    let mut hasher = blake3::Hasher::new();
+    let mut produced = 0u64;
+    loop {
+        let count = read_full(&mut plaintext, &mut buffer)
+            .map_err(|error| corrupt_unless_wrapped(error, object))?;
+        if count == 0 {
+            break;
+        }
+        produced += count as u64;
+        if produced > limit {
+            return Err(EnvelopeError::ChecksumMismatch(object.to_string()));
+        }
+        hasher.update(&buffer[..count]);
+        sink.write_all(&buffer[..count])
+            .map_err(EnvelopeError::Sink)?;
+    }
+    sink.flush().map_err(EnvelopeError::Sink)?;
+    Ok((produced, Checksum(*hasher.finalize().as_bytes())))
+}
+
 /// Decodes on this thread while another hashes the plaintext and writes it to the sink, so
 /// decompression, hashing and the write overlap. Buffers circulate between the two threads, so
 /// memory is a fixed handful of them. Nothing past the length the header promised is written,
 /// so a corrupt object can never fill a disk; the checksum is compared at the end.
-fn deliver_verified<W: Write + Send>(
+fn deliver_pipelined<W: Write + Send>(
     mut plaintext: impl Read,
     mut sink: W,
-    header: &Header,
+    limit: u64,
     object: &str,
-) -> Result<(), EnvelopeError> {
+) -> Result<(u64, Checksum), EnvelopeError> {
     const BUFFERS: usize = 4;
     let (full_sender, full_receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
     let (empty_sender, empty_receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
@@ -590,25 +642,14 @@ fn deliver_verified<W: Write + Send>(
             sink.flush().map_err(EnvelopeError::Sink)?;
             Ok((written, Checksum(*hasher.finalize().as_bytes())))
         });
-        let produced = produce_plaintext(
-            &mut plaintext,
-            &full_sender,
-            &empty_receiver,
-            header.content.length,
-            object,
-        );
+        let produced =
+            produce_plaintext(&mut plaintext, &full_sender, &empty_receiver, limit, object);
         drop(full_sender);
         let written = writer.join().expect("the writer thread does not panic");
         // A sink error explains a producer that stopped early, so it is reported first.
-        let (length, checksum) = written?;
+        let written = written?;
         produced?;
-        if length != header.content.length {
-            return Err(EnvelopeError::Truncated(object.to_string()));
-        }
-        if checksum != header.content.checksum {
-            return Err(EnvelopeError::ChecksumMismatch(object.to_string()));
-        }
-        Ok(())
+        Ok(written)
     })
 }
 

@@ -158,11 +158,19 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
         new_chunks: AtomicU64::new(0),
         corrupt_pages: Mutex::new(Vec::new()),
     });
-    let results: Vec<Result<Option<ManifestFile>>> = futures::stream::iter(files)
+    // pg_control is copied after every other file: on a standby, its minimum recovery point
+    // then covers every change the other files may hold, as Postgres requires.
+    let (control, others): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .partition(|(_, relative, _)| relative == "global/pg_control");
+    let mut results: Vec<Result<Option<ManifestFile>>> = futures::stream::iter(others)
         .map(|(path, relative, _)| backup_file(Arc::clone(&shared), path, relative))
         .buffer_unordered(options.concurrency.max(1))
         .collect()
         .await;
+    for (path, relative, _) in control {
+        results.push(backup_file(Arc::clone(&shared), path, relative).await);
+    }
     let mut manifest_files = Vec::new();
     for result in results {
         if let Some(file) = result? {

@@ -441,7 +441,16 @@ async fn download(
         .partition(|file| file.path == "global/pg_control");
     let progress = crate::progress::Progress::start("restore", backup.logical_bytes);
     let results: Vec<Result<()>> = futures::stream::iter(others)
-        .map(|file| restore_file(repository, pgdata, file, options.delta, &progress))
+        .map(|file| {
+            restore_file(
+                repository,
+                pgdata,
+                file,
+                options.delta,
+                options.concurrency.max(1),
+                &progress,
+            )
+        })
         .buffer_unordered(options.concurrency.max(1))
         .collect()
         .await;
@@ -450,7 +459,7 @@ async fn download(
     // startable; a crash in between then leaves a directory that refuses to start.
     sync_filesystem(pgdata)?;
     for file in control {
-        restore_file(repository, pgdata, file, false, &progress).await?;
+        restore_file(repository, pgdata, file, false, 1, &progress).await?;
     }
     // backup_label tells recovery where to start: the checkpoint of pg_backup_start, not the
     // one pg_control recorded while the files were being copied. Tablespaces are restored in
@@ -465,6 +474,7 @@ async fn restore_file(
     pgdata: &Path,
     file: &ManifestFile,
     delta: bool,
+    concurrency: usize,
     progress: &crate::progress::Progress,
 ) -> Result<()> {
     let path = pgdata.join(&file.path);
@@ -477,14 +487,25 @@ async fn restore_file(
             .with_context(|| format!("creating {}", path.display()))?,
         hasher: blake3::Hasher::new(),
     };
-    for chunk in &file.chunks {
-        let key = chunk.key();
-        let restored = repository.read_object(&key, output).await.with_context(|| {
-            format!("restoring {} failed at chunk {}; the restored directory is incomplete and will not start", file.path, chunk.0)
+    // Chunks of one file are fetched and decoded several at a time but written in order, so
+    // a large relation file is not restored on one core, and memory stays at a few chunks.
+    let mut chunks = futures::stream::iter(&file.chunks)
+        .map(|chunk| async move {
+            let restored = repository
+                .read_object(&chunk.key(), Vec::new())
+                .await
+                .with_context(|| format!("restoring {} failed at chunk {}; the restored directory is incomplete and will not start", file.path, chunk.0))?;
+            let (_, bytes) = restored.with_context(|| format!("chunk {} of {} is missing from the repository; the restored directory is incomplete and will not start", chunk.0, file.path))?;
+            anyhow::Ok(bytes)
+        })
+        .buffered(concurrency);
+    while let Some(bytes) = chunks.next().await {
+        output.write_all(&bytes?).with_context(|| {
+            format!(
+                "writing {} failed; free space or fix the volume",
+                path.display()
+            )
         })?;
-        output = restored
-            .with_context(|| format!("chunk {} of {} is missing from the repository; the restored directory is incomplete and will not start", chunk.0, file.path))?
-            .1;
     }
     if output.hasher.finalize().to_hex().as_str() != file.checksum {
         bail!(

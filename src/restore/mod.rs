@@ -68,12 +68,10 @@ pub struct RestoreOptions {
     pub pg_bin: Option<PathBuf>,
 }
 
-/// What the archive holds: segment numbers per timeline, history files, and when the newest
-/// WAL object was written.
+/// What the archive holds: segment numbers per timeline, and the history files.
 struct ArchiveView {
     segments: ArchivedSegments,
     histories: HashMap<TimelineId, String>,
-    archived_at: Vec<(SegmentName, chrono::DateTime<chrono::Utc>)>,
 }
 
 impl ArchiveView {
@@ -236,7 +234,6 @@ async fn read_archive(repository: &Repository, size: WalSegmentSize) -> Result<A
     let mut view = ArchiveView {
         segments: ArchivedSegments::new(),
         histories: HashMap::new(),
-        archived_at: Vec::new(),
     };
     for meta in repository.list(WAL_PREFIX).await? {
         let key = repository.relative_key(&meta).to_string();
@@ -251,7 +248,6 @@ async fn read_archive(repository: &Repository, size: WalSegmentSize) -> Result<A
                     .entry(segment.timeline)
                     .or_default()
                     .insert(number);
-                view.archived_at.push((segment, meta.last_modified));
             }
             Some(WalFileName::History(timeline)) => {
                 let bytes = repository
@@ -340,9 +336,8 @@ async fn last_segment_needed(
         RecoveryTarget::Time(time) => {
             let target = PgTimestamp::from_utc(time.with_timezone(&chrono::Utc));
             let segments = archive.segments_on_path(path, stop_segment, size);
-            let start = search_start(archive, &segments, time.with_timezone(&chrono::Utc));
             let found = index
-                .first_segment_ending_after(&segments[start..], target, options.inclusive)
+                .segment_ending_after(&segments, target, options.inclusive)
                 .await?;
             let after_last = segments
                 .last()
@@ -356,28 +351,6 @@ async fn last_segment_needed(
         }
         RecoveryTarget::EndOfArchive | RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => None,
     })
-}
-
-/// Where to start looking for the first transaction end after `time`. A segment is archived
-/// after every record it holds, so that transaction end lies in a segment archived after
-/// `time`; the search starts a little earlier, in case the store's clock runs ahead of the
-/// database's. Starting late only ever demands more WAL, never less.
-fn search_start(
-    archive: &ArchiveView,
-    segments: &[SegmentName],
-    time: chrono::DateTime<chrono::Utc>,
-) -> usize {
-    const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
-    let archived_at: HashMap<SegmentName, chrono::DateTime<chrono::Utc>> =
-        archive.archived_at.iter().copied().collect();
-    segments
-        .iter()
-        .position(|segment| {
-            archived_at
-                .get(segment)
-                .is_some_and(|at| *at > time - CLOCK_SKEW)
-        })
-        .unwrap_or(segments.len().saturating_sub(1))
 }
 
 /// The refusal for a time no transaction end in the archive comes after, naming the last one.

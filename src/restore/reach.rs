@@ -121,28 +121,70 @@ impl<'a> ArchiveIndex<'a> {
         Ok(Some(scanner.into_inner().finish()))
     }
 
-    /// The first of `segments` (in recovery order) holding a transaction end after `time`
-    /// (at or after it when `inclusive` is false): where recovery to `time` stops.
-    pub async fn first_segment_ending_after(
+    /// A segment of `segments` (in recovery order) holding a transaction end after `time` (at
+    /// or after it when `inclusive` is false), where recovery to `time` will have stopped;
+    /// `None` if no segment holds one.
+    ///
+    /// The last transaction end is found first, searching backwards from the end: whether the
+    /// target is reachable at all is decided by it, exactly. Then a binary search over the
+    /// segments' latest transaction-end times finds the boundary, reading a handful of
+    /// summaries instead of every segment. Commit times are nearly but not strictly ordered
+    /// along the WAL, so the search may land on a later segment than the first one past the
+    /// target, never on one that is not past it: the answer can only demand more WAL.
+    pub async fn segment_ending_after(
         &self,
         segments: &[SegmentName],
         time: PgTimestamp,
         inclusive: bool,
     ) -> Result<Option<SegmentName>> {
-        for (index, segment) in segments.iter().enumerate() {
+        let beyond = |latest: PgTimestamp| {
+            if inclusive {
+                latest > time
+            } else {
+                latest >= time
+            }
+        };
+        let Some((last_with_ends, _, latest)) =
+            self.last_transaction_end(segments, segments.len()).await?
+        else {
+            return Ok(None);
+        };
+        if !beyond(latest) {
+            return Ok(None);
+        }
+        let mut high = segments
+            .iter()
+            .position(|segment| *segment == last_with_ends)
+            .expect("found among these segments");
+        let mut low = 0;
+        // Invariant: segments[high] holds a transaction end past the target.
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match self.next_latest_time(segments, middle, high).await? {
+                Some((index, latest)) if beyond(latest) => high = index,
+                Some((index, _)) => low = index + 1,
+                None => low = high,
+            }
+        }
+        Ok(Some(segments[high]))
+    }
+
+    /// The first segment from `from` up to (not including) `until` that holds transaction ends,
+    /// with its latest transaction-end time.
+    async fn next_latest_time(
+        &self,
+        segments: &[SegmentName],
+        from: usize,
+        until: usize,
+    ) -> Result<Option<(usize, PgTimestamp)>> {
+        for index in from..until {
             let next = segments.get(index + 1).copied();
-            let Some(summary) = self.summary(*segment, next).await? else {
-                continue;
-            };
-            let reaches = summary.latest_time.is_some_and(|latest| {
-                if inclusive {
-                    latest > time
-                } else {
-                    latest >= time
-                }
-            });
-            if reaches {
-                return Ok(Some(*segment));
+            if let Some(latest) = self
+                .summary(segments[index], next)
+                .await?
+                .and_then(|summary| summary.latest_time)
+            {
+                return Ok(Some((index, latest)));
             }
         }
         Ok(None)

@@ -34,6 +34,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process; boxing the large restore variant would only cost clarity.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Archive one WAL file: archive_command = 'pitr archive-push %p'. Exit 0 only once durable.
@@ -85,7 +87,7 @@ enum Command {
     },
     /// Restore a data directory to a point in time.
     #[command(
-        after_help = "Examples:\n  pitr restore --pgdata /srv/pg/restored --target-time '2026-11-20 14:30:00+00' --start\n  pitr restore --pgdata /srv/pg/restored --target-lsn 0/5000028\n  pitr restore --pgdata /srv/pg/restored --target-name before_migration --target-action pause\n  pitr restore --pgdata /srv/pg/main --delta                   # to the end of the archive, reusing matching files\n\nThe newest backup that ended before the target is chosen, and the archive is checked for every WAL segment needed before anything is downloaded."
+        after_help = "Examples:\n  pitr restore --pgdata /srv/pg/restored --target-time '2026-11-20 14:30:00+00' --start\n  pitr restore --pgdata /srv/pg/restored --target-lsn 0/5000028\n  pitr restore --pgdata /srv/pg/restored --target-name before_migration --target-action pause\n  pitr restore --pgdata /srv/pg/main --delta                   # to the end of the archive, reusing matching files\n  pitr restore --pgdata /srv/pg/copy --tablespace-map 16384=/srv/pg/copy_ts   # move a tablespace\n\nThe newest backup that ended before the target is chosen, and the archive is checked for every WAL segment needed before anything is downloaded."
     )]
     Restore {
         /// Stop at this time; ISO 8601 or Postgres syntax, with a zone.
@@ -118,6 +120,12 @@ enum Command {
         /// Restore over an existing directory, keeping files whose checksums match.
         #[arg(long)]
         delta: bool,
+        /// Put tablespace OID in DIR instead of its original location (repeatable).
+        #[arg(long, value_name = "OID=DIR")]
+        tablespace_map: Vec<String>,
+        /// Keep every tablespace as a directory inside the data directory (in-place).
+        #[arg(long, conflicts_with = "tablespace_map")]
+        tablespace_in_place: bool,
         /// Start Postgres and wait until it reaches the target.
         #[arg(long)]
         start: bool,
@@ -216,6 +224,8 @@ fn restore_options(
         target_action,
         backup,
         delta,
+        tablespace_map,
+        tablespace_in_place,
         start,
         pg_bin,
         concurrency,
@@ -252,8 +262,17 @@ fn restore_options(
         "shutdown" => TargetAction::Shutdown,
         _ => TargetAction::Promote,
     };
+    let mut tablespaces = pitr::restore::tablespaces::TablespacePlacement {
+        in_place: *tablespace_in_place,
+        ..Default::default()
+    };
+    for mapping in tablespace_map {
+        let (oid, directory) = pitr::restore::tablespaces::parse_mapping(mapping)?;
+        tablespaces.remapped.insert(oid, directory);
+    }
     Ok(pitr::restore::RestoreOptions {
         target: recovery_target,
+        tablespaces,
         inclusive: !target_exclusive,
         timeline,
         action,

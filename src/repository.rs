@@ -234,7 +234,7 @@ impl Repository {
             return Ok(found);
         }
         let bytes = serde_json::to_vec_pretty(expected).expect("an identity always serializes");
-        match self.put_raw(IDENTITY_KEY, Bytes::from(bytes)).await? {
+        match self.put_raw(IDENTITY_KEY, PutPayload::from(bytes)).await? {
             PutOutcome::Created => {
                 if expected.encryption.is_none() {
                     tracing::warn!(repository = %self.url, "repository created WITHOUT encryption: objects are compressed and checksummed but readable by anyone with storage access; create a keyring with `pitr keygen` and set PITR_KEY_FILE");
@@ -295,36 +295,34 @@ impl Repository {
             .is_some_and(|root| root.join(self.location(key).as_ref()).is_file())
     }
 
-    /// Encodes a local file and stores it under `key`, create-only.
+    /// Encodes a local file and stores it under `key`, create-only; returns the outcome and
+    /// the file's summary, computed in the same read.
     pub async fn put_file(
         &self,
         key: &str,
         path: &FsPath,
-        content: ContentSummary,
         options: &EncodeOptions,
-    ) -> Result<PutOutcome, RepositoryError> {
+    ) -> Result<(PutOutcome, ContentSummary), RepositoryError> {
         let (key_owned, path_owned, options, keyring) = (
             key.to_string(),
             path.to_path_buf(),
             options.clone(),
             self.keyring.clone(),
         );
-        let capacity = (content.length / 8).min(8 << 20) as usize;
-        let encoded = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&path_owned).map_err(EnvelopeError::Source)?;
-            envelope::encode(
-                file,
-                content,
-                &key_owned,
-                keyring.as_ref(),
-                &options,
-                Vec::with_capacity(capacity),
-            )
+        let (content, parts) = tokio::task::spawn_blocking(move || {
+            envelope::encode_file(&path_owned, &key_owned, keyring.as_ref(), &options)
         })
         .await
         .expect("the encoding task does not panic")
-        .map_err(|error| RepositoryError::Envelope(error.to_string()))?;
-        self.put_raw(key, Bytes::from(encoded)).await
+        .map_err(|error| match error {
+            EnvelopeError::Source(io) => RepositoryError::Io {
+                url: self.url.clone(),
+                detail: format!("cannot read {}: {io}", path.display()),
+            },
+            other => RepositoryError::Envelope(other.to_string()),
+        })?;
+        let outcome = self.put_raw(key, parts.into_iter().collect()).await?;
+        Ok((outcome, content))
     }
 
     /// Encodes bytes held in memory (a backup chunk, a manifest) and stores them create-only.
@@ -338,19 +336,19 @@ impl Repository {
             (key.to_string(), options.clone(), self.keyring.clone());
         let encoded = tokio::task::spawn_blocking(move || {
             let content = ContentSummary::of_bytes(&bytes);
-            envelope::encode(
-                &bytes[..],
+            envelope::encode_slice(
+                &bytes,
                 content,
                 &key_owned,
                 keyring.as_ref(),
                 &options,
-                Vec::with_capacity(bytes.len() / 2 + 256),
+                Vec::with_capacity(bytes.len() / 4 + 256),
             )
         })
         .await
         .expect("the encoding task does not panic")
         .map_err(|error| RepositoryError::Envelope(error.to_string()))?;
-        self.put_raw(key, Bytes::from(encoded)).await
+        self.put_raw(key, PutPayload::from(encoded)).await
     }
 
     /// Proves a stored object intact without decoding it into anything; `None` if it does not
@@ -380,15 +378,13 @@ impl Repository {
     }
 
     /// Stores already-encoded bytes create-only, and makes them durable.
-    async fn put_raw(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, RepositoryError> {
+    async fn put_raw(&self, key: &str, payload: PutPayload) -> Result<PutOutcome, RepositoryError> {
         let location = self.location(key);
         let options = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
         };
-        let put = self
-            .store
-            .put_opts(&location, PutPayload::from(bytes), options);
+        let put = self.store.put_opts(&location, payload, options);
         match tokio::time::timeout(self.timeout, put).await {
             Ok(Ok(_)) => {}
             // The earlier writer may have died before its fsync: make the object durable now,

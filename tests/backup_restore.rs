@@ -104,6 +104,19 @@ impl Ledger {
 
     /// Restores into a fresh directory, starts it on its own port and returns the ids present.
     fn restore(&self, name: &str, arguments: &[&str]) -> Vec<u32> {
+        let ids = self.restore_and_query(
+            name,
+            arguments,
+            "select coalesce(string_agg(id::text, ',' order by id), '') from ledger",
+        );
+        ids.split(',')
+            .filter(|id| !id.is_empty())
+            .map(|id| id.parse().unwrap())
+            .collect()
+    }
+
+    /// Restores into a fresh directory, starts it on its own port and returns `sql`'s answer.
+    fn restore_and_query(&self, name: &str, arguments: &[&str], sql: &str) -> String {
         let data = self.workspace.path(name);
         let mut command = vec!["restore", "--pgdata", data.to_str().unwrap()];
         command.extend_from_slice(arguments);
@@ -117,13 +130,9 @@ impl Ledger {
         cluster.append_settings("archive_mode = off");
         cluster.start();
         cluster.wait_for("select pg_is_in_recovery()", "f", Duration::from_secs(120));
-        let ids =
-            cluster.sql("select coalesce(string_agg(id::text, ',' order by id), '') from ledger");
+        let answer = cluster.sql(sql);
         cluster.stop();
-        ids.split(',')
-            .filter(|id| !id.is_empty())
-            .map(|id| id.parse().unwrap())
-            .collect()
+        answer
     }
 
     fn ids_through(&self, last: u32) -> Vec<u32> {
@@ -551,4 +560,98 @@ fn corrupt_pages_fail_the_backup_unless_told_to_continue() {
     assert!(stderr_of(&output).contains(&format!(
         "page checksum failure kept in the backup: {relation} block 0"
     )));
+}
+
+#[test]
+fn tablespaces_return_to_their_place_or_where_they_are_mapped() {
+    if !pg15_available() {
+        return;
+    }
+    let ledger = Ledger::new();
+    let workspace = &ledger.workspace;
+    let original = workspace.path("ts_original");
+    std::fs::create_dir(&original).unwrap();
+    workspace.give_to_postgres(&original);
+    ledger.primary.sql(&format!(
+        "create tablespace extra location '{}'",
+        original.display()
+    ));
+    ledger.primary.sql(
+        "create table spaced tablespace extra as select g as id from generate_series(1, 5000) g",
+    );
+    let oid = ledger
+        .primary
+        .sql("select oid from pg_tablespace where spcname = 'extra'");
+    ledger.backup();
+    ledger
+        .primary
+        .sql("insert into spaced select g from generate_series(5001, 6000) g");
+    ledger.primary.sql("select pg_switch_wal()");
+    ledger.primary.wait_until_archived(Duration::from_secs(60));
+
+    // The original location holds the live cluster's tablespace: refused before any write.
+    let refused = workspace.path("refused");
+    let output = workspace.pitr(
+        &ledger.config,
+        &["restore", "--pgdata", refused.to_str().unwrap()],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        stderr_of(&output),
+        format!(
+            "pitr restore: error: tablespace {oid} belongs at {}, which is not empty; restore it elsewhere with --tablespace-map {oid}=DIR, inside the data directory with --tablespace-in-place, or over it with --delta",
+            original.display()
+        )
+    );
+    assert!(!refused.exists(), "a refused restore writes nothing");
+    let output = workspace.pitr(
+        &ledger.config,
+        &[
+            "restore",
+            "--pgdata",
+            refused.to_str().unwrap(),
+            "--tablespace-map",
+            "1=/nowhere",
+        ],
+    );
+    let message = stderr_of(&output);
+    assert!(
+        message.ends_with(&format!(
+            "has no tablespace with OID 1; its tablespaces are: {oid} ({})",
+            original.display()
+        )),
+        "{message}"
+    );
+
+    let moved = workspace.path("ts_moved");
+    let mapping = format!("{oid}={}", moved.display());
+    assert_eq!(
+        ledger.restore_and_query(
+            "mapped",
+            &["--tablespace-map", &mapping],
+            "select count(*), max(id) from spaced"
+        ),
+        "6000|6000"
+    );
+    let link = workspace.path("mapped").join("pg_tblspc").join(&oid);
+    assert_eq!(std::fs::read_link(&link).unwrap(), moved);
+    assert!(
+        std::fs::read_dir(&moved)
+            .unwrap()
+            .flatten()
+            .any(|entry| entry.file_name().to_string_lossy().starts_with("PG_15_")),
+        "the tablespace's files are in {}",
+        moved.display()
+    );
+
+    assert_eq!(
+        ledger.restore_and_query(
+            "in_place",
+            &["--tablespace-in-place"],
+            "select count(*), max(id) from spaced"
+        ),
+        "6000|6000"
+    );
+    let in_place = workspace.path("in_place").join("pg_tblspc").join(&oid);
+    assert!(std::fs::symlink_metadata(&in_place).unwrap().is_dir());
 }

@@ -105,20 +105,18 @@ pub async fn push(
         check_same_cluster(&repository.url, &identity, header.system_identifier)
             .with_context(|| format!("refusing to archive {file_name}"))?;
     }
-    let path = file.path.clone();
-    let content = tokio::task::spawn_blocking(move || ContentSummary::of_file(&path))
-        .await?
-        .with_context(|| format!("cannot read {}", file.path.display()))?;
     let key = Repository::wal_key(&file.name);
-    let known_to_exist = known_to_exist || repository.exists_locally(&key);
-    if !known_to_exist
-        && repository
-            .put_file(&key, &file.path, content, options)
+    let content = if known_to_exist || repository.exists_locally(&key) {
+        let path = file.path.clone();
+        tokio::task::spawn_blocking(move || ContentSummary::of_file(&path))
             .await?
-            == PutOutcome::Created
-    {
-        return Ok(PushOutcome::Stored);
-    }
+            .with_context(|| format!("cannot read {}", file.path.display()))?
+    } else {
+        match repository.put_file(&key, &file.path, options).await? {
+            (PutOutcome::Created, _) => return Ok(PushOutcome::Stored),
+            (PutOutcome::AlreadyExists, content) => content,
+        }
+    };
     compare_with_stored(repository, &key, &file_name, content).await
 }
 

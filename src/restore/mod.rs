@@ -9,6 +9,7 @@
 //! directory Postgres refuses to start rather than one that starts with missing data.
 
 pub mod reach;
+pub mod tablespaces;
 pub mod target;
 pub mod timeline;
 
@@ -56,6 +57,7 @@ impl TargetAction {
 
 pub struct RestoreOptions {
     pub target: RecoveryTarget,
+    pub tablespaces: tablespaces::TablespacePlacement,
     pub inclusive: bool,
     pub timeline: TargetTimeline,
     pub action: TargetAction,
@@ -122,6 +124,7 @@ pub async fn run(settings: &Settings, options: &RestoreOptions) -> Result<()> {
         ),
         None => println!("{}", explain_choice(backup, &options.target, &backups)),
     }
+    let links = tablespaces::plan(backup, &options.tablespaces, &pgdata, options.delta)?;
     let archive = read_archive(&repository, size).await?;
     let path = timeline_path(backup, &archive, options.timeline)?;
     let index = ArchiveIndex::new(&repository, size, PgVersion(identity.pg_version));
@@ -148,8 +151,8 @@ pub async fn run(settings: &Settings, options: &RestoreOptions) -> Result<()> {
         backup.files.len()
     );
 
-    download(&repository, backup, &pgdata, options).await?;
-    write_recovery_settings(&pgdata, settings, options, target_timeline)?;
+    download(&repository, backup, &pgdata, &links, options).await?;
+    write_recovery_settings(&pgdata, settings, options, backup, target_timeline)?;
     sync_filesystem(&pgdata)?;
     println!(
         "restored backup {} into {} in {:.1} s",
@@ -389,6 +392,7 @@ async fn download(
     repository: &Repository,
     backup: &Manifest,
     pgdata: &Path,
+    links: &[tablespaces::TablespaceLink],
     options: &RestoreOptions,
 ) -> Result<()> {
     std::fs::create_dir_all(pgdata)?;
@@ -402,6 +406,7 @@ async fn download(
     if options.delta {
         remove_unlisted(pgdata, pgdata, &wanted)?;
     }
+    tablespaces::link(pgdata, links)?;
     let _ = std::fs::remove_file(pgdata.join("global/pg_control"));
     for directory in &backup.directories {
         let path = pgdata.join(directory);
@@ -435,8 +440,8 @@ async fn download(
         restore_file(repository, pgdata, file, false, 1, &progress).await?;
     }
     // backup_label tells recovery where to start: the checkpoint of pg_backup_start, not the
-    // one pg_control recorded while the files were being copied. Tablespaces are restored in
-    // place under pg_tblspc, so tablespace_map (which would recreate symlinks) is not written.
+    // one pg_control recorded while the files were being copied. The tablespace links are
+    // already in place (or the tablespaces are in-place directories), so no tablespace_map.
     std::fs::write(pgdata.join("backup_label"), &backup.backup_label)?;
     std::fs::set_permissions(pgdata.join("backup_label"), permissions(0o600))?;
     Ok(())
@@ -534,7 +539,8 @@ fn remove_unlisted(root: &Path, directory: &Path, wanted: &HashSet<&str>) -> Res
             } else {
                 std::fs::remove_file(entry.path())?;
             }
-        } else if kind.is_dir() {
+        } else if kind.is_dir() || (kind.is_symlink() && entry.path().is_dir()) {
+            // A wanted symlink is a tablespace link: its files are cleaned like any others.
             remove_unlisted(root, &entry.path(), wanted)?;
         }
     }
@@ -545,6 +551,7 @@ fn write_recovery_settings(
     pgdata: &Path,
     settings: &Settings,
     options: &RestoreOptions,
+    backup: &Manifest,
     timeline: TimelineId,
 ) -> Result<()> {
     let executable = std::env::current_exe()?;
@@ -581,6 +588,14 @@ fn write_recovery_settings(
         ),
     ];
     lines.extend(options.target.settings());
+    // From PostgreSQL 15 on, recovery refuses directories in pg_tblspc unless told that
+    // in-place tablespaces are intended.
+    if options.tablespaces.in_place
+        && !tablespaces::tablespaces_of(backup).is_empty()
+        && backup.pg_version >= 15
+    {
+        lines.push(("allow_in_place_tablespaces".to_string(), "on".to_string()));
+    }
     if !matches!(
         options.target,
         RecoveryTarget::EndOfArchive | RecoveryTarget::Immediate

@@ -394,6 +394,13 @@ impl Repository {
                 return Ok(PutOutcome::AlreadyExists);
             }
             Ok(Err(error)) => {
+                // Some stores answer a create-only write of a taken name by closing the
+                // connection (s3s-fs does, before reading the body), and a lost response can
+                // hide a write that landed. If the name exists now, the caller compares
+                // contents, which settles both cases safely.
+                if self.exists(&location).await {
+                    return Ok(PutOutcome::AlreadyExists);
+                }
                 return Err(RepositoryError::from_store(
                     &self.url,
                     &format!("writing {key}"),
@@ -412,6 +419,14 @@ impl Repository {
         }
         self.sync_if_local(key, &location)?;
         Ok(PutOutcome::Created)
+    }
+
+    /// Whether an object exists at `location`; false also when the store cannot say.
+    async fn exists(&self, location: &Path) -> bool {
+        matches!(
+            tokio::time::timeout(self.timeout, self.store.head(location)).await,
+            Ok(Ok(_))
+        )
     }
 
     fn sync_if_local(&self, key: &str, location: &Path) -> Result<(), RepositoryError> {

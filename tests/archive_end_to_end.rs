@@ -100,6 +100,24 @@ fn archive_and_recover(workspace: &Workspace, store: &str, storage_root: &Path) 
 
     let segments = support::round_trip_archived_segments(workspace, &config, &primary.data);
     assert!(segments >= 20, "only {segments} segments round-tripped");
+    // Postgres re-archives after a crash: the same file again is a success, on every store
+    // (s3s-fs answers the create-only PUT of a taken name by closing the connection).
+    let archived = std::fs::read_dir(primary.data.join("pg_wal/archive_status"))
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().unwrap();
+            name.strip_suffix(".done").map(str::to_string)
+        })
+        .find(|name| name.len() == 24)
+        .unwrap();
+    let segment = primary.data.join("pg_wal").join(&archived);
+    let output = workspace.pitr(&config, &["archive-push", segment.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "re-push of {archived}: {}",
+        support::stderr_of(&output)
+    );
     assert_marker_only_in_plaintext(&primary.data.join("pg_wal"), storage_root);
     primary.stop();
 

@@ -29,6 +29,8 @@ use crate::repository::Repository;
 use crate::wal::{SegmentName, WalFileName};
 
 pub const SPOOL_DIRECTORY: &str = "pitr-prefetch";
+/// Fetches in flight from a remote store: enough to hide a round trip of tens of ms.
+const REMOTE_FETCHES: usize = 8;
 
 type Fetch = Shared<BoxFuture<'static, Result<GetOutcome, String>>>;
 
@@ -57,6 +59,16 @@ impl Prefetcher {
         repository: Arc<Repository>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        // A local fetch is CPU work, so it gets the CPU-sized concurrency. A remote fetch mostly
+        // waits on the network, so more run at once (each holds only a few decoded chunks).
+        let slots = if repository.is_local() {
+            settings.archive_concurrency.max(2)
+        } else {
+            settings
+                .archive_concurrency
+                .max(REMOTE_FETCHES.min(settings.prefetch_segments))
+                .max(2)
+        };
         Arc::new(Prefetcher {
             repository,
             metrics,
@@ -64,7 +76,7 @@ impl Prefetcher {
             depth: settings.prefetch_segments,
             max_bytes: settings.prefetch_max_bytes,
             fetching: Mutex::new(HashMap::new()),
-            slots: Arc::new(Semaphore::new(settings.archive_concurrency.max(2))),
+            slots: Arc::new(Semaphore::new(slots)),
         })
     }
 

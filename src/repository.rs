@@ -286,6 +286,11 @@ impl Repository {
         format!("{WAL_PREFIX}/{}/{name}", name.timeline())
     }
 
+    /// Whether this is a `file://` repository on a local filesystem.
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
     /// Whether `key` already exists in a `file://` repository; always false for a remote store.
     /// A stat costs nothing locally, so a repeated push can skip encoding entirely; remotely the
     /// extra round trip would slow every first push, so the create-only write finds out instead.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::page_checksum::{self, BLOCKS_PER_SEGMENT, PAGE_SIZE};
 use super::{BackupId, CHUNK_SIZE, ChunkId, Manifest, ManifestFile, catalog};
@@ -164,12 +164,19 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
         .into_iter()
         .partition(|(_, relative, _)| relative == "global/pg_control");
     let mut results: Vec<Result<Option<ManifestFile>>> = futures::stream::iter(others)
-        .map(|(path, relative, _)| backup_file(Arc::clone(&shared), path, relative))
+        .map(|(path, relative, _)| {
+            backup_file(
+                Arc::clone(&shared),
+                path,
+                relative,
+                options.concurrency.max(1),
+            )
+        })
         .buffer_unordered(options.concurrency.max(1))
         .collect()
         .await;
     for (path, relative, _) in control {
-        results.push(backup_file(Arc::clone(&shared), path, relative).await);
+        results.push(backup_file(Arc::clone(&shared), path, relative, 1).await);
     }
     let mut manifest_files = Vec::new();
     for result in results {
@@ -341,62 +348,81 @@ fn walk(pgdata: &Path) -> Result<(Vec<String>, Vec<(PathBuf, String, u64)>)> {
 
 /// Reads one file chunk by chunk, verifying pages and uploading the chunks the repository lacks.
 /// A file dropped while the backup runs is simply absent: WAL replay removes it anyway.
+/// Backs up one file. A blocking reader reads it in order, verifies page checksums, hashes the
+/// whole file and gives each chunk its id; the chunks it hands over are compressed, encrypted
+/// and stored `concurrency` at a time, so one large relation file uses every core. The channel
+/// and the uploads in flight bound memory to a few chunks per file.
 async fn backup_file(
     shared: Arc<Shared>,
     path: PathBuf,
     relative: String,
+    concurrency: usize,
 ) -> Result<Option<ManifestFile>> {
-    let mut file = match std::fs::File::open(&path) {
+    let file = match std::fs::File::open(&path) {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
     };
     let mode = file.metadata()?.mode() & 0o7777;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<(ChunkId, Vec<u8>)>(concurrency);
+    let reader = {
+        let (shared, relative) = (Arc::clone(&shared), relative.clone());
+        tokio::task::spawn_blocking(move || read_chunks(&shared, file, &relative, &sender))
+    };
+    let chunks = futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    })
+    .map(|(id, chunk)| store_chunk(&shared, id, chunk))
+    .buffered(concurrency)
+    .try_collect::<Vec<ChunkId>>()
+    .await;
+    // An upload error drops the receiver, which stops the reader; report the upload's error.
+    let read = reader.await?;
+    let chunks = chunks?;
+    let (size, checksum) = read.with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(ManifestFile {
+        path: relative,
+        size,
+        mode,
+        checksum,
+        chunks,
+    }))
+}
+
+/// The reading half of `backup_file`: returns the file's size and BLAKE3 checksum.
+fn read_chunks(
+    shared: &Shared,
+    mut file: std::fs::File,
+    relative: &str,
+    sender: &tokio::sync::mpsc::Sender<(ChunkId, Vec<u8>)>,
+) -> std::io::Result<(u64, String)> {
     let relation_segment =
-        page_checksum::relation_segment(&relative).filter(|_| shared.verify_pages);
+        page_checksum::relation_segment(relative).filter(|_| shared.verify_pages);
     let mut hasher = blake3::Hasher::new();
-    let mut chunks = Vec::new();
     let mut size = 0u64;
-    let mut index = 0u64;
-    loop {
-        let (returned, chunk) = tokio::task::spawn_blocking(move || {
-            let mut chunk = vec![0u8; CHUNK_SIZE];
-            let filled = read_full(&mut file, &mut chunk);
-            filled.map(|filled| {
-                chunk.truncate(filled);
-                (file, chunk)
-            })
-        })
-        .await?
-        .with_context(|| format!("reading {}", path.display()))?;
-        file = returned;
+    for index in 0u64.. {
+        let mut chunk = vec![0u8; CHUNK_SIZE];
+        let filled = read_full(&mut file, &mut chunk)?;
+        chunk.truncate(filled);
         if chunk.is_empty() && index > 0 {
             break;
         }
         if let Some(segment) = relation_segment {
-            verify_pages(&shared, &relative, segment, index, &chunk);
+            verify_pages(shared, relative, segment, index, &chunk);
         }
         hasher.update(&chunk);
         size += chunk.len() as u64;
         shared.progress.advance(chunk.len() as u64);
         let last = chunk.len() < CHUNK_SIZE;
-        chunks.push(store_chunk(&shared, chunk).await?);
-        index += 1;
-        if last {
+        let id = ChunkId::of(&chunk, shared.repository.keyring());
+        if sender.blocking_send((id, chunk)).is_err() || last {
             break;
         }
     }
-    Ok(Some(ManifestFile {
-        path: relative,
-        size,
-        mode,
-        checksum: hasher.finalize().to_hex().to_string(),
-        chunks,
-    }))
+    Ok((size, hasher.finalize().to_hex().to_string()))
 }
 
-async fn store_chunk(shared: &Shared, chunk: Vec<u8>) -> Result<ChunkId> {
-    let id = ChunkId::of(&chunk, shared.repository.keyring());
+async fn store_chunk(shared: &Shared, id: ChunkId, chunk: Vec<u8>) -> Result<ChunkId> {
     if shared.known_chunks.contains(&id) {
         shared.reused_chunks.fetch_add(1, Ordering::Relaxed);
         return Ok(id);

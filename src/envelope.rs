@@ -28,6 +28,8 @@ const TAG_LEN: usize = 16;
 const FIXED_HEADER_LEN: usize = 130;
 const MAX_CHUNK_SIZE: u32 = 64 << 20;
 const COPY_BUFFER: usize = 256 << 10;
+/// The first allocation for a sealed chunk being read; it grows when the chunk is larger.
+const SEALED_READ_HINT: usize = 128 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -662,9 +664,13 @@ struct ChunkOpener<R: Read> {
 
 impl<R: Read> ChunkOpener<R> {
     fn read_sealed_chunk(&mut self) -> Result<Vec<u8>, EnvelopeError> {
-        let mut chunk = vec![0u8; self.sealed_chunk_length];
-        let filled = read_full(&mut self.source, &mut chunk).map_err(EnvelopeError::Source)?;
-        chunk.truncate(filled);
+        // Grown as it fills, not zeroed up front: most sealed chunks of small objects are far
+        // smaller than the chunk size, and zeroing (and faulting in) the rest dominated restores.
+        let mut chunk = Vec::with_capacity(self.sealed_chunk_length.min(SEALED_READ_HINT));
+        (&mut self.source)
+            .take(self.sealed_chunk_length as u64)
+            .read_to_end(&mut chunk)
+            .map_err(EnvelopeError::Source)?;
         Ok(chunk)
     }
 
@@ -770,16 +776,34 @@ fn deliver_verified<W: Write + Send>(
 }
 
 fn deliver_inline<W: Write>(
+    plaintext: impl Read,
+    sink: W,
+    limit: u64,
+    object: &str,
+) -> Result<(u64, Checksum), EnvelopeError> {
+    INLINE_BUFFER.with_borrow_mut(|buffer| {
+        buffer.resize(INLINE_BUFFER_SIZE, 0);
+        deliver_inline_with(plaintext, sink, limit, object, buffer)
+    })
+}
+
+thread_local! {
+    /// `deliver_inline`'s buffer, reused by every object decoded on this thread.
+    static INLINE_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+const INLINE_BUFFER_SIZE: usize = 128 << 10;
+
+fn deliver_inline_with<W: Write>(
     mut plaintext: impl Read,
     mut sink: W,
     limit: u64,
     object: &str,
+    buffer: &mut [u8],
 ) -> Result<(u64, Checksum), EnvelopeError> {
-    let mut buffer = vec![0u8; COPY_BUFFER.min(limit as usize + 1).max(1)];
     let mut hasher = blake3::Hasher::new();
     let mut produced = 0u64;
     loop {
-        let count = read_full(&mut plaintext, &mut buffer)
+        let count = read_full(&mut plaintext, buffer)
             .map_err(|error| corrupt_unless_wrapped(error, object))?;
         if count == 0 {
             break;

@@ -307,6 +307,7 @@ impl Repository {
         key: &str,
         path: &FsPath,
         options: &EncodeOptions,
+        encode_slots: Option<&tokio::sync::Semaphore>,
     ) -> Result<(PutOutcome, ContentSummary), RepositoryError> {
         let (key_owned, path_owned, options, keyring) = (
             key.to_string(),
@@ -314,18 +315,30 @@ impl Repository {
             options.clone(),
             self.keyring.clone(),
         );
-        let (content, parts) = tokio::task::spawn_blocking(move || {
+        let slot = match encode_slots {
+            Some(slots) => Some(
+                slots
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed"),
+            ),
+            None => None,
+        };
+        let encoded = tokio::task::spawn_blocking(move || {
             envelope::encode_file(&path_owned, &key_owned, keyring.as_ref(), &options)
         })
-        .await
-        .expect("the encoding task does not panic")
-        .map_err(|error| match error {
-            EnvelopeError::Source(io) => RepositoryError::Io {
-                url: self.url.clone(),
-                detail: format!("cannot read {}: {io}", path.display()),
-            },
-            other => RepositoryError::Envelope(other.to_string()),
-        })?;
+        .await;
+        drop(slot);
+        let (content, parts) =
+            encoded
+                .expect("the encoding task does not panic")
+                .map_err(|error| match error {
+                    EnvelopeError::Source(io) => RepositoryError::Io {
+                        url: self.url.clone(),
+                        detail: format!("cannot read {}: {io}", path.display()),
+                    },
+                    other => RepositoryError::Envelope(other.to_string()),
+                })?;
         let outcome = self.put_raw(key, parts.into_iter().collect()).await?;
         Ok((outcome, content))
     }

@@ -38,7 +38,7 @@ pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
         return Ok(outcome);
     }
     let repository = Repository::open(settings)?;
-    push(&repository, &file, &encode_options(settings), false).await
+    push(&repository, &file, &encode_options(settings), false, None).await
 }
 
 pub fn encode_options(settings: &Settings) -> EncodeOptions {
@@ -82,11 +82,14 @@ pub fn validate(settings: &Settings, path: &Path) -> Result<WalFile> {
 
 /// Makes a validated file durable in the repository. `known_to_exist` skips the upload and goes
 /// straight to comparing with the stored copy (the daemon listed it after a restart).
+/// `encode_slots`, when given, bounds how many encodings run at once (the CPU-bound part); the
+/// write that follows does not hold a slot.
 pub async fn push(
     repository: &Repository,
     file: &WalFile,
     options: &EncodeOptions,
     known_to_exist: bool,
+    encode_slots: Option<&tokio::sync::Semaphore>,
 ) -> Result<PushOutcome> {
     let file_name = file.name.to_string();
     let identity = match file.header {
@@ -112,7 +115,10 @@ pub async fn push(
             .await?
             .with_context(|| format!("cannot read {}", file.path.display()))?
     } else {
-        match repository.put_file(&key, &file.path, options).await? {
+        match repository
+            .put_file(&key, &file.path, options, encode_slots)
+            .await?
+        {
             (PutOutcome::Created, _) => return Ok(PushOutcome::Stored),
             (PutOutcome::AlreadyExists, content) => content,
         }

@@ -3,9 +3,10 @@
 //! The archiver watches `pg_wal/archive_status` (inotify through `notify`, plus a periodic rescan
 //! in case an event is lost) and starts an upload for every `.ready` file that is not yet
 //! durable, oldest first, history files before segments. Uploads share one future per file, so
-//! a hook that asks for a file already in flight simply waits for the same upload. Concurrency is
-//! bounded by upload slots and by a memory budget, because each upload holds its encoded object
-//! in memory. The daemon never marks anything `.done` itself: Postgres does that when the hook,
+//! a hook that asks for a file already in flight simply waits for the same upload. Encoding (the
+//! CPU-bound part) runs `archive_concurrency` at a time; the writes that follow do not hold an
+//! encoding slot, so the CPU keeps compressing while earlier objects travel or fsync. Uploads in
+//! flight are bounded by a memory budget, because each holds its encoded object in memory. The daemon never marks anything `.done` itself: Postgres does that when the hook,
 //! answered by the daemon, exits 0.
 //!
 //! After a restart the archiver lists the repository, so a file uploaded before a crash is never
@@ -59,7 +60,7 @@ pub struct Archiver {
     pg_wal: PathBuf,
     options: EncodeOptions,
     state: Mutex<State>,
-    upload_slots: Arc<Semaphore>,
+    encode_slots: Arc<Semaphore>,
     memory: Arc<Semaphore>,
     started: Instant,
 }
@@ -96,7 +97,7 @@ impl Archiver {
             pg_wal: settings.pgdata.join("pg_wal"),
             options,
             state: Mutex::new(State::default()),
-            upload_slots: Arc::new(Semaphore::new(settings.archive_concurrency)),
+            encode_slots: Arc::new(Semaphore::new(settings.archive_concurrency)),
             memory: Arc::new(Semaphore::new(UPLOAD_MEMORY_MIB as usize)),
             started: Instant::now(),
         })
@@ -199,11 +200,6 @@ impl Archiver {
         path: &Path,
         known_to_exist: bool,
     ) -> Result<(PushOutcome, u64, SystemTime), String> {
-        let _slot = self
-            .upload_slots
-            .acquire()
-            .await
-            .map_err(|error| error.to_string())?;
         let metadata = std::fs::metadata(path)
             .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
         let budget = (metadata.len().div_ceil(1 << 20) as u32).clamp(1, UPLOAD_MEMORY_MIB);
@@ -215,9 +211,15 @@ impl Archiver {
         let started = Instant::now();
         let file =
             archive_push::validate(&self.settings, path).map_err(|error| format!("{error:#}"))?;
-        let outcome = archive_push::push(&self.repository, &file, &self.options, known_to_exist)
-            .await
-            .map_err(|error| format!("{error:#}"))?;
+        let outcome = archive_push::push(
+            &self.repository,
+            &file,
+            &self.options,
+            known_to_exist,
+            Some(&self.encode_slots),
+        )
+        .await
+        .map_err(|error| format!("{error:#}"))?;
         self.metrics
             .upload_duration
             .observe(started.elapsed().as_secs_f64());

@@ -460,32 +460,49 @@ async fn restore_file(
     if delta && matches_checksum(&path, file) {
         return Ok(());
     }
-    let mut output = HashingFile {
-        file: std::fs::File::create(&path)
-            .with_context(|| format!("creating {}", path.display()))?,
-        hasher: blake3::Hasher::new(),
-    };
-    // Chunks of one file are fetched and decoded several at a time but written in order, so
-    // a large relation file is not restored on one core, and memory stays at a few chunks.
+    let output =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    // Chunks of one file are fetched and decoded several at a time and handed, in order, to a
+    // blocking writer that hashes and writes them, so a large relation file is not restored on
+    // one core and the async threads never wait on the disk. Memory stays at a few chunks.
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(concurrency);
+    let writer = tokio::task::spawn_blocking(move || write_hashed(output, receiver));
+    let capacity = file.size.min(CHUNK_CAPACITY) as usize;
     let mut chunks = futures::stream::iter(&file.chunks)
         .map(|chunk| async move {
             let restored = repository
-                .read_object(&chunk.key(), Vec::new())
+                .read_object(&chunk.key(), Vec::with_capacity(capacity))
                 .await
                 .with_context(|| format!("restoring {} failed at chunk {}; the restored directory is incomplete and will not start", file.path, chunk.0))?;
             let (_, bytes) = restored.with_context(|| format!("chunk {} of {} is missing from the repository; the restored directory is incomplete and will not start", chunk.0, file.path))?;
             anyhow::Ok(bytes)
         })
         .buffered(concurrency);
+    let mut fetched = Ok(());
     while let Some(bytes) = chunks.next().await {
-        output.write_all(&bytes?).with_context(|| {
-            format!(
-                "writing {} failed; free space or fix the volume",
-                path.display()
-            )
-        })?;
+        match bytes {
+            // The writer stopped on an error; it reports it below.
+            Ok(bytes) => {
+                if sender.send(bytes).await.is_err() {
+                    break;
+                }
+            }
+            Err(error) => {
+                fetched = Err(error);
+                break;
+            }
+        }
     }
-    if output.hasher.finalize().to_hex().as_str() != file.checksum {
+    drop(sender);
+    let written = writer.await?;
+    fetched?;
+    let checksum = written.with_context(|| {
+        format!(
+            "writing {} failed; free space or fix the volume",
+            path.display()
+        )
+    })?;
+    if checksum != file.checksum {
         bail!(
             "{} does not match its checksum after restore; the repository is damaged, and the restored directory will not start",
             file.path
@@ -495,21 +512,20 @@ async fn restore_file(
     Ok(())
 }
 
-struct HashingFile {
-    file: std::fs::File,
-    hasher: blake3::Hasher,
-}
+/// A restore chunk is at most this large (the backup's chunk size).
+const CHUNK_CAPACITY: u64 = 1 << 20;
 
-impl Write for HashingFile {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let count = self.file.write(data)?;
-        self.hasher.update(&data[..count]);
-        Ok(count)
+/// Writes chunks in the order received, hashing them; returns the file's BLAKE3 in hex.
+fn write_hashed(
+    mut file: std::fs::File,
+    mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> std::io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    while let Some(chunk) = chunks.blocking_recv() {
+        hasher.update(&chunk);
+        file.write_all(&chunk)?;
     }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
+    Ok(hasher.finalize().to_hex().to_string())
 }
 
 fn matches_checksum(path: &Path, file: &ManifestFile) -> bool {

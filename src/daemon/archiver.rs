@@ -97,7 +97,12 @@ impl Archiver {
             pg_wal: settings.pgdata.join("pg_wal"),
             options,
             state: Mutex::new(State::default()),
-            encode_slots: Arc::new(Semaphore::new(settings.archive_concurrency)),
+            // Encoding is CPU work: more at once than there are CPUs only adds memory.
+            encode_slots: Arc::new(Semaphore::new(
+                settings
+                    .archive_concurrency
+                    .min(std::thread::available_parallelism().map_or(1, std::num::NonZero::get)),
+            )),
             memory: Arc::new(Semaphore::new(UPLOAD_MEMORY_MIB as usize)),
             started: Instant::now(),
         })

@@ -213,6 +213,10 @@ pub struct EncodeOptions {
     /// zstd worker threads; 0 compresses on the calling thread.
     pub compression_workers: u32,
     pub chunk_size: u32,
+    /// With no zstd workers, compress a file of up to 64 MiB in one call from a reused buffer.
+    /// Worth it in a long-lived process (the daemon); a short-lived hook would only pay for
+    /// faulting in the buffers.
+    pub whole_files: bool,
 }
 
 impl Default for EncodeOptions {
@@ -221,6 +225,7 @@ impl Default for EncodeOptions {
             compression_level: 1,
             compression_workers: 0,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            whole_files: false,
         }
     }
 }
@@ -262,7 +267,7 @@ pub fn encode_file(
 ) -> Result<(ContentSummary, Vec<Bytes>), EnvelopeError> {
     let mut file = std::fs::File::open(path).map_err(EnvelopeError::Source)?;
     let length_hint = file.metadata().map(|meta| meta.len()).unwrap_or(0);
-    if options.compression_workers == 0 && length_hint <= WHOLE_FILE_LIMIT {
+    if options.whole_files && options.compression_workers == 0 && length_hint <= WHOLE_FILE_LIMIT {
         return encode_whole_file(file, length_hint, object_name, keyring, options);
     }
     let mut hasher = blake3::Hasher::new();
@@ -1073,12 +1078,18 @@ mod tests {
     }
 
     /// `encode_file`'s in-place sealing, joined from its parts.
-    fn seal_file(data: &[u8], keyring: Option<&Keyring>, chunk_size: u32) -> Vec<u8> {
+    fn seal_file(
+        data: &[u8],
+        keyring: Option<&Keyring>,
+        chunk_size: u32,
+        whole_files: bool,
+    ) -> Vec<u8> {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("plain");
         std::fs::write(&path, data).unwrap();
         let options = EncodeOptions {
             chunk_size,
+            whole_files,
             ..EncodeOptions::default()
         };
         let (content, parts) = encode_file(&path, "wal/x", keyring, &options).unwrap();
@@ -1090,10 +1101,10 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
         #[test]
-        fn file_encoding_round_trips_and_rejects_any_bit_flip(data in proptest::collection::vec(any::<u8>(), 0..20_000), chunk in 1u32..4096, encrypted: bool, bit in any::<proptest::sample::Index>()) {
+        fn file_encoding_round_trips_and_rejects_any_bit_flip(data in proptest::collection::vec(any::<u8>(), 0..20_000), chunk in 1u32..4096, encrypted: bool, whole: bool, bit in any::<proptest::sample::Index>()) {
             let (_directory, keyring) = keyring();
             let keyring = encrypted.then_some(&keyring);
-            let mut object = seal_file(&data, keyring, chunk);
+            let mut object = seal_file(&data, keyring, chunk, whole);
             prop_assert_eq!(open(&object, keyring).unwrap(), data.clone());
             let bit = bit.index(object.len() * 8);
             object[bit / 8] ^= 1 << (bit % 8);

@@ -90,6 +90,7 @@ impl Archiver {
         let mut options = archive_push::encode_options(settings);
         // Parallelism comes from concurrent uploads; one zstd thread each keeps the cores shared.
         options.compression_workers = 0;
+        options.whole_files = true;
         Arc::new(Archiver {
             settings: settings.clone(),
             repository,

@@ -131,6 +131,12 @@ pub enum LogFormat {
     Json,
 }
 
+/// CPUs this process may use; `available_parallelism` honours a cgroup CPU quota, which is
+/// what a sidecar with a CPU limit needs.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
 /// Resolved, validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -169,8 +175,7 @@ impl Settings {
             1..=19,
             "choose 1 (fastest) to 19 (smallest)",
         )?;
-        let default_threads =
-            std::thread::available_parallelism().map_or(1, |count| count.get() as i64);
+        let default_threads = cpu_count() as i64;
         let compression_threads = pick_number(
             "compression threads (PITR_COMPRESSION_THREADS)",
             options.compression_threads.as_deref(),

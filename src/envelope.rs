@@ -271,14 +271,7 @@ pub fn encode_file(
         return encode_whole_file(file, length_hint, object_name, keyring, options);
     }
     let mut hasher = blake3::Hasher::new();
-    let compressed = Vec::with_capacity((length_hint / 8) as usize);
-    let mut encoder = zstd::stream::write::Encoder::new(compressed, options.compression_level)
-        .map_err(EnvelopeError::Sink)?;
-    if options.compression_workers > 0 {
-        encoder
-            .multithread(options.compression_workers)
-            .map_err(EnvelopeError::Sink)?;
-    }
+    let mut encoder = zstd_encoder(Vec::with_capacity((length_hint / 8) as usize), options)?;
     let mut buffer = vec![0u8; FILE_READ_PIECE];
     loop {
         let count = match file.read(&mut buffer) {
@@ -341,12 +334,7 @@ fn encode_whole_file(
                 found: plaintext.len() as u64,
             });
         }
-        let content = ContentSummary::of_bytes(&plaintext);
-        let compressed = zstd::bulk::compress(&plaintext, options.compression_level)
-            .map_err(EnvelopeError::Sink)?;
-        let (header_bytes, chunk_size, stream) = new_header(content, object_name, keyring, options);
-        let parts = seal_in_place(compressed, header_bytes, chunk_size, stream)?;
-        Ok((content, parts))
+        encode_bytes(&plaintext, object_name, keyring, options)
     })();
     let mut kept = READ_BUFFERS
         .lock()
@@ -357,35 +345,26 @@ fn encode_whole_file(
     result
 }
 
-/// `encode` for plaintext already in memory, whose summary is `content`. On one thread the
-/// whole input is compressed in one call, which is faster than streaming it in pieces (zstd
-/// then never copies input into its window buffer); the output is the same kind of object.
-pub fn encode_slice<W: Write>(
+/// `encode` for plaintext already in memory. On one thread the whole input is compressed in one
+/// call, which is faster than streaming it in pieces (zstd then never copies input into its
+/// window buffer). Returns the summary and the object as parts in order (see `seal_in_place`).
+pub fn encode_bytes(
     plaintext: &[u8],
-    content: ContentSummary,
     object_name: &str,
     keyring: Option<&Keyring>,
     options: &EncodeOptions,
-    sink: W,
-) -> Result<W, EnvelopeError> {
-    if plaintext.len() as u64 != content.length {
-        return Err(EnvelopeError::SourceChanged {
-            object: object_name.to_string(),
-            expected: content.length,
-            found: plaintext.len() as u64,
-        });
-    }
-    let mut sealer = begin_sealing(content, object_name, keyring, options, sink)?;
-    if options.compression_workers == 0 {
-        let compressed = zstd::bulk::compress(plaintext, options.compression_level)
-            .map_err(EnvelopeError::Sink)?;
-        sealer.write_all(&compressed).map_err(unwrap_io)?;
+) -> Result<(ContentSummary, Vec<Bytes>), EnvelopeError> {
+    let content = ContentSummary::of_bytes(plaintext);
+    let compressed = if options.compression_workers == 0 {
+        zstd::bulk::compress(plaintext, options.compression_level).map_err(EnvelopeError::Sink)?
     } else {
-        let mut encoder = zstd_encoder(sealer, options)?;
-        encoder.write_all(plaintext).map_err(unwrap_io)?;
-        sealer = encoder.finish().map_err(unwrap_io)?;
-    }
-    sealer.finish().map_err(unwrap_io)
+        let mut encoder = zstd_encoder(Vec::with_capacity(plaintext.len() / 4), options)?;
+        encoder.write_all(plaintext).map_err(EnvelopeError::Sink)?;
+        encoder.finish().map_err(EnvelopeError::Sink)?
+    };
+    let (header_bytes, chunk_size, stream) = new_header(content, object_name, keyring, options);
+    let parts = seal_in_place(compressed, header_bytes, chunk_size, stream)?;
+    Ok((content, parts))
 }
 
 /// Writes the header (with a fresh wrapped data key when encrypting) and returns the writer
@@ -517,10 +496,10 @@ impl aead::Buffer for DetachedTag<'_> {
 }
 
 fn zstd_encoder<'a, W: Write>(
-    sealer: ChunkSealer<W>,
+    sink: W,
     options: &EncodeOptions,
-) -> Result<zstd::stream::write::Encoder<'a, ChunkSealer<W>>, EnvelopeError> {
-    let mut encoder = zstd::stream::write::Encoder::new(sealer, options.compression_level)
+) -> Result<zstd::stream::write::Encoder<'a, W>, EnvelopeError> {
+    let mut encoder = zstd::stream::write::Encoder::new(sink, options.compression_level)
         .map_err(EnvelopeError::Sink)?;
     if options.compression_workers > 0 {
         encoder

@@ -61,9 +61,11 @@ impl Prefetcher {
     ) -> Arc<Self> {
         // A local fetch is CPU work, so at most one per CPU (more only adds memory). A remote fetch mostly
         // waits on the network, so more run at once (each holds only a few decoded chunks).
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let slots = if repository.is_local() {
-            settings.archive_concurrency.min(cpus).max(2)
+            settings
+                .archive_concurrency
+                .min(crate::config::cpu_count())
+                .max(2)
         } else {
             settings
                 .archive_concurrency

@@ -352,21 +352,13 @@ impl Repository {
     ) -> Result<PutOutcome, RepositoryError> {
         let (key_owned, options, keyring) =
             (key.to_string(), options.clone(), self.keyring.clone());
-        let encoded = tokio::task::spawn_blocking(move || {
-            let content = ContentSummary::of_bytes(&bytes);
-            envelope::encode_slice(
-                &bytes,
-                content,
-                &key_owned,
-                keyring.as_ref(),
-                &options,
-                Vec::with_capacity(bytes.len() / 4 + 256),
-            )
+        let (_, parts) = tokio::task::spawn_blocking(move || {
+            envelope::encode_bytes(&bytes, &key_owned, keyring.as_ref(), &options)
         })
         .await
         .expect("the encoding task does not panic")
         .map_err(|error| RepositoryError::Envelope(error.to_string()))?;
-        self.put_raw(key, PutPayload::from(encoded)).await
+        self.put_raw(key, parts.into_iter().collect()).await
     }
 
     /// Proves a stored object intact without decoding it into anything; `None` if it does not

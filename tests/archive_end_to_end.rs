@@ -55,11 +55,7 @@ fn archive_and_recover(workspace: &Workspace, store: &str, storage_root: &Path) 
             keyring.display()
         ),
     );
-    let archive_command = format!(
-        "{} --config {} archive-push %p",
-        workspace.pitr.display(),
-        config.display()
-    );
+    let archive_command = workspace.archive_command(&config);
     let mut primary = Cluster::init(
         workspace,
         "primary",

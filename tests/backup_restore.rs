@@ -25,22 +25,8 @@ struct Ledger {
 impl Ledger {
     fn new() -> Self {
         let workspace = Workspace::new();
-        let keyring = workspace.keygen("keyring");
-        let repository = workspace.path("repo");
-        let config = workspace.write_config(
-            "pitr.toml",
-            &format!(
-                "repo = 'file://{}'\nkey_file = '{}'\npgdata = '{}'\nstore_timeout = 30\n",
-                repository.display(),
-                keyring.display(),
-                workspace.path("primary").display()
-            ),
-        );
-        let archive_command = format!(
-            "{} --config {} archive-push %p",
-            workspace.pitr.display(),
-            config.display()
-        );
+        let (config, repository) = workspace.encrypted_file_repository("store_timeout = 30\n");
+        let archive_command = workspace.archive_command(&config);
         let mut primary = Cluster::init_with(
             &workspace,
             "primary",

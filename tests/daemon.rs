@@ -35,11 +35,7 @@ fn write_config(
 }
 
 fn archiving_cluster(workspace: &Workspace, name: &str, config: &Path) -> Cluster {
-    let command = format!(
-        "{} --config {} archive-push %p",
-        workspace.pitr.display(),
-        config.display()
-    );
+    let command = workspace.archive_command(config);
     Cluster::init(
         workspace,
         name,

@@ -100,9 +100,7 @@ impl Archiver {
             state: Mutex::new(State::default()),
             // Encoding is CPU work: more at once than there are CPUs only adds memory.
             encode_slots: Arc::new(Semaphore::new(
-                settings
-                    .archive_concurrency
-                    .min(std::thread::available_parallelism().map_or(1, std::num::NonZero::get)),
+                settings.archive_concurrency.min(crate::config::cpu_count()),
             )),
             memory: Arc::new(Semaphore::new(UPLOAD_MEMORY_MIB as usize)),
             started: Instant::now(),

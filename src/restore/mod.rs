@@ -25,9 +25,9 @@ use crate::backup::take::permissions;
 use crate::backup::{BackupId, Manifest, ManifestFile, catalog};
 use crate::config::Settings;
 use crate::repository::{Repository, WAL_PREFIX};
-use crate::wal::records::PgTimestamp;
+use crate::wal::records::{PgTimestamp, TransactionEnd};
 use crate::wal::{Lsn, PgVersion, SegmentName, TimelineId, WalFileName, WalSegmentSize};
-use reach::ArchiveIndex;
+use reach::{ArchiveIndex, TimeReach};
 use target::RecoveryTarget;
 use timeline::{ArchivedSegments, TimelinePath, check_coverage};
 
@@ -339,17 +339,19 @@ async fn last_segment_needed(
         RecoveryTarget::Time(time) => {
             let target = PgTimestamp::from_utc(time.with_timezone(&chrono::Utc));
             let segments = archive.segments_on_path(path, stop_segment, size);
-            let found = index
+            let reach = index
                 .segment_ending_after(&segments, target, options.inclusive)
                 .await?;
             let after_last = segments
                 .last()
                 .map_or(stop_segment, |last| last.segment_number(size) + 1);
-            match found {
-                Some(segment) => Some(segment.segment_number(size).max(stop_segment)),
+            match reach {
+                TimeReach::StopsIn(segment) => Some(segment.segment_number(size).max(stop_segment)),
                 // WAL beyond a gap: the coverage check names the missing segment.
-                None if archive.has_segment_after(after_last) => Some(after_last),
-                None => bail!(target_beyond_archive(options, index, &segments).await?),
+                TimeReach::Beyond { .. } if archive.has_segment_after(after_last) => {
+                    Some(after_last)
+                }
+                TimeReach::Beyond { last } => bail!(target_beyond_archive(options, last)),
             }
         }
         RecoveryTarget::EndOfArchive | RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => None,
@@ -357,17 +359,12 @@ async fn last_segment_needed(
 }
 
 /// The refusal for a time no transaction end in the archive comes after, naming the last one.
-async fn target_beyond_archive(
+fn target_beyond_archive(
     options: &RestoreOptions,
-    index: &ArchiveIndex<'_>,
-    segments: &[SegmentName],
-) -> Result<String> {
-    const SEARCHED_SEGMENTS: usize = 256;
-    let last = match index
-        .last_transaction_end(segments, SEARCHED_SEGMENTS)
-        .await?
-    {
-        Some((_, end, latest)) => format!(
+    last: Option<(TransactionEnd, PgTimestamp)>,
+) -> String {
+    let last = match last {
+        Some((end, latest)) => format!(
             "the last transaction end in the archive (transaction {}, {} at {})",
             end.xid,
             if end.committed {
@@ -377,14 +374,15 @@ async fn target_beyond_archive(
             },
             latest.to_utc().format("%Y-%m-%d %H:%M:%S%.6f+00")
         ),
-        None => format!(
-            "any transaction end in the archive (the last {SEARCHED_SEGMENTS} segments of this timeline path hold none)"
-        ),
+        None => {
+            "any transaction end in the archive (this timeline path holds none since the backup)"
+                .to_string()
+        }
     };
-    Ok(format!(
+    format!(
         "{} is not before {last}; Postgres stops at a time only on reaching the first transaction that ended after it, so recovery would end in FATAL. Restore without a target to reach the end of the archive, or wait until more WAL is archived",
         options.target
-    ))
+    )
 }
 
 /// Downloads every file of the backup; pg_control last, so an interrupted restore cannot start.

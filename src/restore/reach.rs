@@ -33,6 +33,17 @@ struct IndexEntry {
     summary: SegmentSummary,
 }
 
+/// Whether recovery to a time can stop within the archive.
+pub enum TimeReach {
+    /// It stops on reaching a transaction end in this segment.
+    StopsIn(SegmentName),
+    /// No transaction ended after the time; the last one that did end (with the latest
+    /// transaction-end time), if any.
+    Beyond {
+        last: Option<(TransactionEnd, PgTimestamp)>,
+    },
+}
+
 /// Reads summaries of archived segments, computing and storing the missing ones.
 pub struct ArchiveIndex<'a> {
     repository: &'a Repository,
@@ -122,8 +133,8 @@ impl<'a> ArchiveIndex<'a> {
     }
 
     /// A segment of `segments` (in recovery order) holding a transaction end after `time` (at
-    /// or after it when `inclusive` is false), where recovery to `time` will have stopped;
-    /// `None` if no segment holds one.
+    /// or after it when `inclusive` is false), where recovery to `time` will have stopped; or,
+    /// if no segment holds one, the last transaction end there is.
     ///
     /// The last transaction end is found first, searching backwards from the end: whether the
     /// target is reachable at all is decided by it, exactly. Then a binary search over the
@@ -136,7 +147,7 @@ impl<'a> ArchiveIndex<'a> {
         segments: &[SegmentName],
         time: PgTimestamp,
         inclusive: bool,
-    ) -> Result<Option<SegmentName>> {
+    ) -> Result<TimeReach> {
         let beyond = |latest: PgTimestamp| {
             if inclusive {
                 latest > time
@@ -144,13 +155,15 @@ impl<'a> ArchiveIndex<'a> {
                 latest >= time
             }
         };
-        let Some((last_with_ends, _, latest)) =
+        let Some((last_with_ends, last_end, latest)) =
             self.last_transaction_end(segments, segments.len()).await?
         else {
-            return Ok(None);
+            return Ok(TimeReach::Beyond { last: None });
         };
         if !beyond(latest) {
-            return Ok(None);
+            return Ok(TimeReach::Beyond {
+                last: Some((last_end, latest)),
+            });
         }
         let mut high = segments
             .iter()
@@ -166,7 +179,7 @@ impl<'a> ArchiveIndex<'a> {
                 None => low = high,
             }
         }
-        Ok(Some(segments[high]))
+        Ok(TimeReach::StopsIn(segments[high]))
     }
 
     /// The first segment from `from` up to (not including) `until` that holds transaction ends,

@@ -251,7 +251,7 @@ impl RecordScanner {
             };
             if matches!(self.state, State::Start) {
                 self.state = if info & XLP_FIRST_IS_CONTRECORD != 0 {
-                    SkipContinuation::after(u32_at(16) as usize)
+                    skip_continuation(u32_at(16) as usize)
                 } else {
                     State::Padding { remaining: 0 }
                 };
@@ -271,10 +271,6 @@ impl RecordScanner {
                     let count = (*remaining).min(payload.len());
                     *remaining -= count;
                     if *remaining == 0 {
-                        if self.in_next_segment {
-                            self.state = State::Done;
-                            return;
-                        }
                         self.state = State::Header {
                             bytes: [0; RECORD_HEADER],
                             have: 0,
@@ -419,15 +415,11 @@ impl RecordScanner {
     }
 }
 
-struct SkipContinuation;
-
-impl SkipContinuation {
-    /// The continued record's remaining bytes, then padding to the next 8-byte boundary, which
-    /// is where the first record of this segment starts.
-    fn after(remaining: usize) -> State {
-        State::SkipContinuation {
-            remaining: remaining.next_multiple_of(8),
-        }
+/// Skipping the record continued from the previous segment: its remaining bytes, then padding
+/// to the next 8-byte boundary, which is where the first record of this segment starts.
+fn skip_continuation(remaining: usize) -> State {
+    State::SkipContinuation {
+        remaining: remaining.next_multiple_of(8),
     }
 }
 

@@ -94,6 +94,32 @@ impl Workspace {
         path
     }
 
+    /// A config (`pitr.toml`) for a new encrypted `file://` repository (`repo`) serving the
+    /// cluster `primary`, with `extra` lines appended; returns the config and the repository.
+    pub fn encrypted_file_repository(&self, extra: &str) -> (PathBuf, PathBuf) {
+        let keyring = self.keygen("keyring");
+        let repository = self.path("repo");
+        let config = self.write_config(
+            "pitr.toml",
+            &format!(
+                "repo = 'file://{}'\nkey_file = '{}'\npgdata = '{}'\n{extra}",
+                repository.display(),
+                keyring.display(),
+                self.path("primary").display()
+            ),
+        );
+        (config, repository)
+    }
+
+    /// The archive_command that runs this workspace's pitr with `config`.
+    pub fn archive_command(&self, config: &Path) -> String {
+        format!(
+            "{} --config {} archive-push %p",
+            self.pitr.display(),
+            config.display()
+        )
+    }
+
     /// Runs the pitr binary with `args` as the Postgres user, returning its output.
     pub fn pitr(&self, config: &Path, args: &[&str]) -> Output {
         self.pitr_with_env(config, args, &[])

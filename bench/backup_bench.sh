@@ -301,7 +301,15 @@ backup_pitr() {
 }
 # full restores into an empty directory (no target: pitr to the end of the archive, pgBackRest
 # its default recovery type), each followed by syncfs of the restored directory
-prep_restore() { rm -rf "$RESTORE_A"; fresh_dir "$RESTORE_A"; sync; }
+# On this VM, memory the guest has not touched lately costs a lot of system time on first use
+# (the restore that ran first in each pair took 0.5-1.5 s longer, whichever tool it was). Writing
+# and deleting a file of the data's size beforehand hands both tools recently freed page-cache
+# pages, so the order no longer decides the result.
+prep_restore() {
+  rm -rf "$RESTORE_A"; fresh_dir "$RESTORE_A"
+  dd if=/dev/zero of="$WORK/prewarm" bs=1M count=$((DATA_BYTES / 1048576 + 64)) status=none
+  rm -f "$WORK/prewarm"; sync
+}
 restore_pgbr() {
   prepare=prep_restore timed restore-pgbackrest "$1" runuser -u postgres -- sh -c \
     "$(printf '%q ' "${PGBR_LIVE[@]}") --pg1-path=$RESTORE_A restore && sync -f $RESTORE_A"
@@ -322,6 +330,22 @@ for r in $(seq 1 "$RUNS"); do
     backup_pitr "$r"; backup_pgbr "$r"; restore_pitr "$r"; restore_pgbr "$r"
   fi
 done
+# Physical limits on the same data and disk (3 runs each, medians): reading the files from the
+# warm page cache, zstd -1 on both cores, and writing them with a final sync (cp -a + sync -f).
+# Backup's limit is the lower of the first two, restore's the write.
+LIMIT_DIR=$WORK/limit-copy
+prep_limit_write() {
+  rm -rf "$LIMIT_DIR"
+  dd if=/dev/zero of="$WORK/prewarm" bs=1M count=$((DATA_BYTES / 1048576 + 64)) status=none
+  rm -f "$WORK/prewarm"; sync
+}
+tar -cf - -C "$BASE2" . >/dev/null      # BASE2 holds LIVE's files (a running cluster's would change under tar)
+for r in 1 2 3; do
+  prepare='' timed limit-read "$r" sh -c "tar -cf - -C $BASE2 . | cat >/dev/null"
+  prepare='' timed limit-zstd1-T2 "$r" sh -c "tar -cf - -C $BASE2 . | zstd -1 -T2 -q -c >/dev/null"
+  prepare=prep_limit_write timed limit-write "$r" sh -c "cp -a $BASE2 $LIMIT_DIR && sync -f $LIMIT_DIR"
+done
+rm -rf "$LIMIT_DIR"
 PGBR_SET=$(ls "$WORK/pgbr-live-repo/backup/live" | grep -E '^[0-9]{8}-[0-9]{6}F$' | tail -1)
 {
   echo "base_data_bytes_without_pg_wal $DATA_BYTES"
@@ -505,6 +529,12 @@ MIB=$(awk -v b="$DATA_BYTES" 'BEGIN{printf "%.1f", b/1048576}')
     done
   done
   echo "  pitr/pgbr = pitr throughput / pgBackRest throughput (>1: pitr faster)"
+  lim() { awk -v b="$DATA_BYTES" -v m="$(med "$1")" 'BEGIN{printf "%.1f", b/1048576/m}'; }
+  L_READ=$(lim limit-read) L_ZSTD=$(lim limit-zstd1-T2) L_WRITE=$(lim limit-write)
+  L_BACKUP=$(awk -v a="$L_READ" -v b="$L_ZSTD" 'BEGIN{print (a < b) ? a : b}')
+  pct() { awk -v b="$DATA_BYTES" -v m="$(med "$1")" -v l="$2" 'BEGIN{printf "%.0f%%", 100 * b/1048576/m/l}'; }
+  echo "  physical limits (MiB/s, medians of 3): read $L_READ, zstd -1 -T2 $L_ZSTD, write (cp -a + sync) $L_WRITE"
+  echo "  of the limit: backup pitr $(pct backup-pitr "$L_BACKUP") pgBackRest $(pct backup-pgbackrest "$L_BACKUP"); restore pitr $(pct restore-pitr "$L_WRITE") pgBackRest $(pct restore-pgbackrest "$L_WRITE")"
   sed 's/^/  /' "$OUTDIR/sizes.txt"
   echo
   echo "B. PITR to $TARGET (TARGET_FRAC=$TARGET_FRAC of the timed run), restore command start -> promoted"

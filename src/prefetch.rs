@@ -177,9 +177,18 @@ impl Prefetcher {
 
     async fn fetch_into_spool(self: Arc<Self>, name: WalFileName) -> Result<GetOutcome, String> {
         let result = async {
-            let _slot = self.slots.acquire().await?;
+            let destination = self.spool.join(name.to_string());
+            // The slot covers the decoding (CPU) only: the fsync that follows waits on the disk,
+            // and holding a slot through it would leave a core idle.
+            let slot = self.slots.acquire().await?;
             std::fs::create_dir_all(&self.spool)?;
-            archive_get::fetch(&self.repository, &name, &self.spool.join(name.to_string())).await
+            let pending =
+                archive_get::fetch_uncommitted(&self.repository, &name, &destination).await?;
+            drop(slot);
+            match pending {
+                Some(pending) => archive_get::commit(pending, &destination).await,
+                None => Ok(GetOutcome::NotFound),
+            }
         }
         .await
         .map_err(|error: anyhow::Error| format!("{error:#}"));

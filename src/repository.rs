@@ -31,6 +31,16 @@ pub const FORMAT_VERSION: u32 = 1;
 const IDENTITY_KEY: &str = "pitr.identity";
 pub const WAL_PREFIX: &str = "wal";
 
+/// When a create-only write becomes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Before the write returns (on `file://`: the object and every directory on its path).
+    Immediate,
+    /// At the next `Repository::sync_deferred`, which the caller must await before it
+    /// acknowledges anything that refers to the object.
+    Deferred,
+}
+
 /// What a repository belongs to, written once by its first use and checked by every later one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
@@ -343,12 +353,27 @@ impl Repository {
         Ok((outcome, content))
     }
 
-    /// Encodes bytes held in memory (a backup chunk, a manifest) and stores them create-only.
+    /// Encodes bytes held in memory (a manifest, an index entry) and stores them create-only
+    /// and durably.
     pub async fn put_bytes(
         &self,
         key: &str,
         bytes: Bytes,
         options: &EncodeOptions,
+    ) -> Result<PutOutcome, RepositoryError> {
+        self.put_bytes_with(key, bytes, options, Durability::Immediate)
+            .await
+    }
+
+    /// `put_bytes` with a choice of when the object becomes durable. `Deferred` suits the
+    /// thousands of chunks of one backup: nothing acknowledges them but the manifest, so one
+    /// `sync_deferred` before the manifest replaces four fsyncs per chunk.
+    pub async fn put_bytes_with(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        options: &EncodeOptions,
+        durability: Durability,
     ) -> Result<PutOutcome, RepositoryError> {
         let (key_owned, options, keyring) =
             (key.to_string(), options.clone(), self.keyring.clone());
@@ -358,7 +383,33 @@ impl Repository {
         .await
         .expect("the encoding task does not panic")
         .map_err(|error| RepositoryError::Envelope(error.to_string()))?;
-        self.put_raw(key, parts.into_iter().collect()).await
+        self.put_raw_with(key, parts.into_iter().collect(), durability)
+            .await
+    }
+
+    /// Makes every `Deferred` write so far durable. On `file://` one `syncfs` of the
+    /// repository's filesystem flushes them all (and reports any writeback error since the
+    /// writes); a remote store acknowledged each write as durable already.
+    pub async fn sync_deferred(&self) -> Result<(), RepositoryError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let synced = tokio::task::spawn_blocking(move || sync_filesystem(&root))
+            .await
+            .expect("the sync task does not panic");
+        synced.map_err(|error| RepositoryError::Io {
+            url: self.url.clone(),
+            detail: format!("syncing the repository's filesystem failed: {error}"),
+        })
+    }
+
+    /// Removes an object no manifest references, such as a damaged chunk an interrupted backup
+    /// left behind. Callers must have proved it unreferenced: the repository never deletes on
+    /// its own.
+    pub async fn remove_unreferenced(&self, key: &str) -> Result<(), RepositoryError> {
+        let location = self.location(key);
+        self.bounded(&format!("removing {key}"), self.store.delete(&location))
+            .await
     }
 
     /// Proves a stored object intact without decoding it into anything; `None` if it does not
@@ -389,6 +440,16 @@ impl Repository {
 
     /// Stores already-encoded bytes create-only, and makes them durable.
     async fn put_raw(&self, key: &str, payload: PutPayload) -> Result<PutOutcome, RepositoryError> {
+        self.put_raw_with(key, payload, Durability::Immediate).await
+    }
+
+    async fn put_raw_with(
+        &self,
+        key: &str,
+        payload: PutPayload,
+        durability: Durability,
+    ) -> Result<PutOutcome, RepositoryError> {
+        let immediate = durability == Durability::Immediate;
         let location = self.location(key);
         let options = PutOptions {
             mode: PutMode::Create,
@@ -400,7 +461,9 @@ impl Repository {
             // The earlier writer may have died before its fsync: make the object durable now,
             // before anyone reports it archived.
             Ok(Err(object_store::Error::AlreadyExists { .. })) => {
-                self.sync_if_local(key, &location)?;
+                if immediate {
+                    self.sync_if_local(key, &location)?;
+                }
                 return Ok(PutOutcome::AlreadyExists);
             }
             Ok(Err(error)) => {
@@ -427,7 +490,9 @@ impl Repository {
                 });
             }
         }
-        self.sync_if_local(key, &location)?;
+        if immediate {
+            self.sync_if_local(key, &location)?;
+        }
         Ok(PutOutcome::Created)
     }
 
@@ -596,6 +661,17 @@ pub fn check_same_cluster(
 }
 
 /// Makes a stored local object durable: its data, then each directory from it up to the root.
+/// One `syncfs(2)` of the filesystem holding `root`.
+fn sync_filesystem(root: &FsPath) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let directory = std::fs::File::open(root)?;
+    // SAFETY: the descriptor stays open for the duration of the call.
+    if unsafe { libc::syncfs(directory.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn sync_local_object(root: &FsPath, location: &Path) -> io::Result<()> {
     let path = root.join(location.as_ref());
     std::fs::File::open(&path)?.sync_all()?;

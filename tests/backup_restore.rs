@@ -641,3 +641,33 @@ fn tablespaces_return_to_their_place_or_where_they_are_mapped() {
     let in_place = workspace.path("in_place").join("pg_tblspc").join(&oid);
     assert!(std::fs::symlink_metadata(&in_place).unwrap().is_dir());
 }
+
+#[test]
+fn a_torn_chunk_left_by_an_interrupted_backup_is_replaced_not_reused() {
+    if !pg15_available() {
+        return;
+    }
+    let ledger = Ledger::new();
+    // Without its manifest the backup never happened, but its chunks stay: what a backup
+    // killed before its manifest leaves. A power cut can leave such a chunk empty.
+    std::fs::remove_dir_all(ledger.repository.join("backups")).unwrap();
+    let torn = largest_chunk(&ledger.repository);
+    std::fs::write(&torn, b"").unwrap();
+
+    let output = ledger.workspace.pitr_with_env(
+        &ledger.config,
+        &["backup"],
+        &ledger.primary.libpq_environment(),
+    );
+    assert!(output.status.success(), "backup: {}", stderr_of(&output));
+    assert!(
+        stderr_of(&output).contains("replacing a damaged chunk that no backup references"),
+        "{}",
+        stderr_of(&output)
+    );
+    assert!(std::fs::metadata(&torn).unwrap().len() > 0);
+    assert_eq!(
+        ledger.restore("after_torn_chunk", &[]),
+        ledger.ids_through(45)
+    );
+}

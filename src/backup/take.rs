@@ -22,7 +22,7 @@ use super::page_checksum::{self, BLOCKS_PER_SEGMENT, PAGE_SIZE};
 use super::{BackupId, CHUNK_SIZE, ChunkId, Manifest, ManifestFile, catalog};
 use crate::config::Settings;
 use crate::envelope::EncodeOptions;
-use crate::repository::{Identity, PutOutcome, Repository, check_same_cluster};
+use crate::repository::{Durability, Identity, PutOutcome, Repository, check_same_cluster};
 use crate::wal::{self, Lsn, TimelineId};
 
 /// Directories whose contents Postgres documents as safe to omit (they are recreated or
@@ -231,6 +231,8 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
         settings.store_timeout,
     )
     .await?;
+    // The chunks were written without an fsync each; the manifest is what acknowledges them.
+    shared.repository.sync_deferred().await?;
     let manifest = Manifest {
         format_version: 1,
         id: id.clone(),
@@ -432,14 +434,34 @@ async fn store_chunk(shared: &Shared, id: ChunkId, chunk: Vec<u8>) -> Result<Chu
     }
     shared.new_chunks.fetch_add(1, Ordering::Relaxed);
     let length = chunk.len() as u64;
-    if shared
-        .repository
-        .put_bytes(&id.key(), Bytes::from(chunk), &shared.encode)
-        .await?
-        == PutOutcome::Created
-    {
-        shared.uploaded_bytes.fetch_add(length, Ordering::Relaxed);
+    let chunk = Bytes::from(chunk);
+    let key = id.key();
+    let put = |chunk: Bytes| {
+        shared
+            .repository
+            .put_bytes_with(&key, chunk, &shared.encode, Durability::Deferred)
+    };
+    match put(chunk.clone()).await? {
+        PutOutcome::Created => {}
+        // No complete backup references this chunk, so an interrupted backup (or a concurrent
+        // one) wrote it. After a crash it may be empty or torn: use it only once verified.
+        PutOutcome::AlreadyExists => {
+            if matches!(
+                shared.repository.authenticate_object(&key).await,
+                Ok(Some(_))
+            ) {
+                return Ok(id);
+            }
+            tracing::warn!(chunk = %key, "replacing a damaged chunk that no backup references");
+            shared.repository.remove_unreferenced(&key).await?;
+            if put(chunk).await? != PutOutcome::Created {
+                bail!(
+                    "chunk {key} was damaged and could not be replaced; check that no other backup of this cluster is running, then retry"
+                );
+            }
+        }
     }
+    shared.uploaded_bytes.fetch_add(length, Ordering::Relaxed);
     Ok(id)
 }
 

@@ -127,6 +127,19 @@ pub async fn fetch(
     name: &WalFileName,
     destination: &Path,
 ) -> Result<GetOutcome> {
+    match fetch_uncommitted(repository, name, destination).await? {
+        Some(pending) => commit(pending, destination).await,
+        None => Ok(GetOutcome::NotFound),
+    }
+}
+
+/// The decoding half of `fetch`: the verified file, written but not yet durable or in place.
+/// `None` if the repository has no such file.
+pub async fn fetch_uncommitted(
+    repository: &Repository,
+    name: &WalFileName,
+    destination: &Path,
+) -> Result<Option<PendingFile>> {
     let pending = PendingFile::create(destination).with_context(|| {
         format!(
             "cannot create a temporary file beside {}",
@@ -141,10 +154,16 @@ pub async fn fetch(
         ),
         other => anyhow::Error::new(other),
     })?;
-    let Some((_, pending)) = restored else {
-        return Ok(GetOutcome::NotFound);
-    };
-    pending.commit().with_context(|| {
+    Ok(restored.map(|(_, pending)| pending))
+}
+
+/// The durable half of `fetch`: fsync, rename into place, fsync the directory. It waits on the
+/// disk, so it runs on a blocking thread rather than stalling the async ones.
+pub async fn commit(pending: PendingFile, destination: &Path) -> Result<GetOutcome> {
+    let committed = tokio::task::spawn_blocking(move || pending.commit())
+        .await
+        .expect("the commit task does not panic");
+    committed.with_context(|| {
         format!(
             "making {} durable failed; free space or fix the volume holding it",
             destination.display()

@@ -35,6 +35,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 ROOT=$(cd "$HERE/.." && pwd)
 BL=${BL:-/tmp/bl}
 CORPUS=${CORPUS:-$BL/corpus}
@@ -85,6 +87,7 @@ wait_idle() {
     local who; who=$(for p in $BUSY_PROCS; do pgrep -x "$p" >/dev/null && printf '%s ' "$p"; done; true)
     log "waited $((SECONDS - t0)) s for the machine to be idle (${who:-CPU load from other processes})"
   fi
+  prewarm_memory "${PREWARM_MIB:-4096}"
 }
 
 [ "$(id -u)" = 0 ] || die "run as root (the hooks are run as postgres through runuser)"

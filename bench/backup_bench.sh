@@ -61,6 +61,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 ROOT=$(cd "$HERE/.." && pwd)
 BL=${BL:-/tmp/bl}
 CORPUS=${CORPUS:-$BL/corpus}
@@ -101,6 +103,7 @@ wait_idle() {
   if [ $((SECONDS - t0)) -gt 0 ]; then
     WAITED_S=$((WAITED_S + SECONDS - t0)); log "waited $((SECONDS - t0)) s for daemon_bench.sh/cargo/rustc to finish"
   fi
+  prewarm_memory "${PREWARM_MIB:-4096}"
 }
 
 [ "$(id -u)" = 0 ] || die "run as root (the tools run as postgres through runuser)"
@@ -301,15 +304,9 @@ backup_pitr() {
 }
 # full restores into an empty directory (no target: pitr to the end of the archive, pgBackRest
 # its default recovery type), each followed by syncfs of the restored directory
-# On this VM, memory the guest has not touched lately costs a lot of system time on first use
-# (the restore that ran first in each pair took 0.5-1.5 s longer, whichever tool it was). Writing
-# and deleting a file of the data's size beforehand hands both tools recently freed page-cache
-# pages, so the order no longer decides the result.
-prep_restore() {
-  rm -rf "$RESTORE_A"; fresh_dir "$RESTORE_A"
-  dd if=/dev/zero of="$WORK/prewarm" bs=1M count=$((DATA_BYTES / 1048576 + 64)) status=none
-  rm -f "$WORK/prewarm"; sync
-}
+# (timed() then waits for an idle machine and prewarms memory: see bench/lib.sh. Without that,
+# the restore that ran first in each pair took 0.5-1.5 s longer, whichever tool it was.)
+prep_restore() { rm -rf "$RESTORE_A"; fresh_dir "$RESTORE_A"; sync; }
 restore_pgbr() {
   prepare=prep_restore timed restore-pgbackrest "$1" runuser -u postgres -- sh -c \
     "$(printf '%q ' "${PGBR_LIVE[@]}") --pg1-path=$RESTORE_A restore && sync -f $RESTORE_A"
@@ -334,11 +331,7 @@ done
 # warm page cache, zstd -1 on both cores, and writing them with a final sync (cp -a + sync -f).
 # Backup's limit is the lower of the first two, restore's the write.
 LIMIT_DIR=$WORK/limit-copy
-prep_limit_write() {
-  rm -rf "$LIMIT_DIR"
-  dd if=/dev/zero of="$WORK/prewarm" bs=1M count=$((DATA_BYTES / 1048576 + 64)) status=none
-  rm -f "$WORK/prewarm"; sync
-}
+prep_limit_write() { rm -rf "$LIMIT_DIR"; sync; }
 tar -cf - -C "$BASE2" . >/dev/null      # BASE2 holds LIVE's files (a running cluster's would change under tar)
 for r in 1 2 3; do
   prepare='' timed limit-read "$r" sh -c "tar -cf - -C $BASE2 . | cat >/dev/null"

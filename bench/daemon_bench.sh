@@ -52,6 +52,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 ROOT=$(cd "$HERE/.." && pwd)
 CORPORA=${CORPORA:-pgbench:/tmp/bl realistic:/tmp/bl2}
 REPOS=${REPOS:-local}
@@ -111,6 +113,7 @@ wait_idle() {
     local who; who=$(for p in $BUSY_PROCS; do pgrep -x "$p" >/dev/null && printf '%s ' "$p"; done; true)
     log "waited $((SECONDS - t0)) s for the machine to be idle (${who:-CPU load from other processes})"
   fi
+  prewarm_memory "${PREWARM_MIB:-4096}"
 }
 cpu_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
 HZ=$(getconf CLK_TCK)

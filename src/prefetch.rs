@@ -29,6 +29,10 @@ use crate::repository::Repository;
 use crate::wal::{SegmentName, WalFileName};
 
 pub const SPOOL_DIRECTORY: &str = "pitr-prefetch";
+/// Held by the one background worker that fills the spool.
+const WORKER_LOCK: &str = ".lock";
+/// The segment recovery asked for last, written by the hooks.
+const LATEST_REQUEST: &str = ".latest-request";
 /// Fetches in flight from a remote store: enough to hide a round trip of tens of ms.
 const REMOTE_FETCHES: usize = 8;
 
@@ -130,18 +134,54 @@ impl Prefetcher {
         }
     }
 
-    /// Fetches the segments after `segment` into the spool and waits for all of them: the work
-    /// of the background process a hook starts when no daemon runs. Only one runs at a time.
+    /// Fetches the segments after `segment` into the spool: the work of the background process
+    /// a hook starts when no daemon runs. Only one runs at a time. Recovery keeps asking while
+    /// it runs, so each finished fetch moves the window up to the latest request the hooks
+    /// recorded, and the spool does not drain between workers. It exits once nothing is in
+    /// flight and recovery has not moved on.
     pub async fn fetch_ahead(self: &Arc<Self>, segment: SegmentName) -> Result<()> {
         std::fs::create_dir_all(&self.spool)?;
-        let lock = std::fs::File::create(self.spool.join(".lock"))?;
+        let lock = std::fs::File::create(self.spool.join(WORKER_LOCK))?;
         if lock.try_lock().is_err() {
             return Ok(());
         }
-        self.schedule_after(segment).await;
-        let pending: Vec<Fetch> = self.fetching.lock().unwrap().values().cloned().collect();
-        futures::future::join_all(pending).await;
-        Ok(())
+        let mut requested = segment;
+        self.schedule_after(requested).await;
+        loop {
+            let pending: Vec<Fetch> = self.fetching.lock().unwrap().values().cloned().collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            // A failed prefetch only means the hook will fetch that segment itself.
+            let _ = futures::future::select_all(pending).await;
+            if let Some(latest) = self.latest_request()
+                && latest > requested
+            {
+                requested = latest;
+                self.schedule_after(requested).await;
+            }
+        }
+    }
+
+    /// Records the segment recovery asked for last, for a running worker to keep ahead of.
+    /// Not durable, and need not be: a lost or torn record only makes the worker stop sooner.
+    pub fn record_request(&self, segment: SegmentName) {
+        let _ = std::fs::create_dir_all(&self.spool);
+        let _ = std::fs::write(self.spool.join(LATEST_REQUEST), segment.to_string());
+    }
+
+    fn latest_request(&self) -> Option<SegmentName> {
+        std::fs::read_to_string(self.spool.join(LATEST_REQUEST))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Whether a worker is running now (it holds the lock for its whole life).
+    pub fn worker_running(&self) -> bool {
+        std::fs::File::open(self.spool.join(WORKER_LOCK))
+            .is_ok_and(|lock| lock.try_lock_shared().is_err())
     }
 
     /// Starts fetching the next segments of the same timeline, within the byte cap.

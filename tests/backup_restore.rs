@@ -234,6 +234,19 @@ fn restore_refuses_bad_input_before_downloading() {
         )
     );
 
+    // A restore point the archive does not hold would replay to the end and stop in FATAL.
+    let message = restore("no_such_point", &["--target-name", "no_such_point"]);
+    assert!(
+        message.starts_with(
+            "pitr restore: error: restore point 'no_such_point' is not in the archive after backup "
+        ),
+        "{message}"
+    );
+    assert!(
+        message.ends_with("; Postgres would replay to the end and stop with FATAL. Check the name (pg_create_restore_point), or restore to a time or LSN instead"),
+        "{message}"
+    );
+
     let occupied = workspace.path("occupied");
     std::fs::create_dir(&occupied).unwrap();
     std::fs::write(occupied.join("stale"), "x").unwrap();

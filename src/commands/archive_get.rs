@@ -46,7 +46,11 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
         fetch(&repository, &name, &destination).await?
     };
     if outcome == GetOutcome::Restored {
-        start_prefetch_worker(settings, segment);
+        // A running worker picks the request up by itself; starting another would only exit.
+        prefetcher.record_request(segment);
+        if !prefetcher.worker_running() {
+            start_prefetch_worker(settings, segment);
+        }
     }
     Ok(outcome)
 }

@@ -354,7 +354,29 @@ async fn last_segment_needed(
                 TimeReach::Beyond { last } => bail!(target_beyond_archive(options, last)),
             }
         }
-        RecoveryTarget::EndOfArchive | RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => None,
+        RecoveryTarget::Name(name) => {
+            let start_segment = segment_of(backup.start_lsn);
+            let segments = archive.segments_on_path(path, start_segment, size);
+            let after_last = segments
+                .last()
+                .map_or(start_segment, |last| last.segment_number(size) + 1);
+            match index.first_restore_point_named(&segments, name).await? {
+                Some((_, point)) if point.lsn < backup.stop_lsn => bail!(
+                    "restore point '{name}' at LSN {} lies before backup {} is consistent (LSN {}); recovery would stop there and fail. Restore from an earlier backup with --backup",
+                    point.lsn,
+                    backup.id,
+                    backup.stop_lsn
+                ),
+                Some((segment, _)) => Some(segment.segment_number(size).max(stop_segment)),
+                // WAL beyond a gap: the coverage check names the missing segment.
+                None if archive.has_segment_after(after_last) => Some(after_last),
+                None => bail!(
+                    "restore point '{name}' is not in the archive after backup {}; Postgres would replay to the end and stop with FATAL. Check the name (pg_create_restore_point), or restore to a time or LSN instead",
+                    backup.id
+                ),
+            }
+        }
+        RecoveryTarget::EndOfArchive | RecoveryTarget::Xid(_) => None,
     })
 }
 

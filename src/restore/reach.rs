@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::EncodeOptions;
 use crate::repository::Repository;
-use crate::wal::records::{PgTimestamp, RecordScanner, ScanEnd, SegmentSummary, TransactionEnd};
+use crate::wal::records::{
+    PgTimestamp, RecordScanner, RestorePoint, ScanEnd, SegmentSummary, TransactionEnd,
+};
 use crate::wal::{PgVersion, SegmentName, WalFileName, WalSegmentSize};
 
 pub const INDEX_PREFIX: &str = "index";
@@ -198,6 +200,33 @@ impl<'a> ArchiveIndex<'a> {
                 .and_then(|summary| summary.latest_time)
             {
                 return Ok(Some((index, latest)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first restore point named `name` in `segments` (in recovery order), and the segment
+    /// holding it: where recovery to that name stops. Restore points follow no order that could
+    /// be searched, so this reads every summary up to the first match (stored summaries are
+    /// small; missing ones are computed once and kept).
+    pub async fn first_restore_point_named(
+        &self,
+        segments: &[SegmentName],
+        name: &str,
+    ) -> Result<Option<(SegmentName, RestorePoint)>> {
+        for (index, segment) in segments.iter().enumerate() {
+            let Some(summary) = self
+                .summary(*segment, segments.get(index + 1).copied())
+                .await?
+            else {
+                continue;
+            };
+            if let Some(point) = summary
+                .restore_points
+                .into_iter()
+                .find(|point| point.name == name)
+            {
+                return Ok(Some((*segment, point)));
             }
         }
         Ok(None)

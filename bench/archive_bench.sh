@@ -281,6 +281,13 @@ for r in $(seq 1 "$RUNS"); do
     timed "get-pitr-T$t" "$r" runuser -u postgres -- "$DRIVER" get "$SEGS" "$STAGE_PG" "$GETDIR" $(pitr_cmd "$t")
     [ "$r" = 1 ] && verify_get "get-pitr-T$t"
   done
+  # pitr's archive-get prefetches by default (PITR_PREFETCH=8, a background worker); this row
+  # shows the same hook with that turned off, one fetch per call like pgBackRest's sync get.
+  t=${PITR_THREADS%% *}
+  fresh_dir "$GETDIR"; sync
+  # shellcheck disable=SC2046
+  timed get-pitr-noprefetch "$r" runuser -u postgres -- env PITR_PREFETCH=0 "$DRIVER" get "$SEGS" "$STAGE_PG" "$GETDIR" $(pitr_cmd "$t")
+  [ "$r" = 1 ] && verify_get get-pitr-noprefetch
 done
 rm -rf "$GETDIR"
 
@@ -304,7 +311,7 @@ MIB=$(awk -v b="$SEGBYTES" 'BEGIN{printf "%.1f", b/1048576}')
   printf '%-22s %9s %9s %9s %9s %8s %9s %10s\n' operation median_s min_s max_s cpu_s seg/s MiB/s pitr/pgbr
   for op in push get; do
     base=$(med "$op-pgbackrest" 3)
-    for tool in pgbackrest $(for t in $PITR_THREADS; do echo "pitr-T$t"; done); do
+    for tool in pgbackrest $(for t in $PITR_THREADS; do echo "pitr-T$t"; done) $([ "$op" = get ] && echo pitr-noprefetch); do
       l=$op-$tool m=$(med "$op-$tool" 3)
       printf '%-22s %9.2f %9.2f %9.2f %9.2f %8.1f %9.1f %10s\n' "$l" "$m" "$(pct "$l" 0)" "$(pct "$l" 100)" \
         "$(cpu_med "$l")" "$(awk -v n="$NSEG" -v m="$m" 'BEGIN{print n/m}')" \

@@ -71,6 +71,7 @@ META=$CORPUS.meta
 SRC=${SRC:-$BL/src}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 RUNS=${RUNS:-7}
+REPO_KIND=${REPO_KIND:-local}   # local, or s3: the S3 stack of bench/lib.sh (20 ms round trips)
 PITR_RUNS=${PITR_RUNS:-5}
 CONC=${CONC:-2}
 TARGET_FRAC=${TARGET_FRAC:-0.85}
@@ -132,6 +133,7 @@ pg_stop() { [ -f "$1/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$1" -m "${2:
 cleanup() {
   local d
   for d in "${STARTED[@]}"; do [ -f "$d/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1; done
+  stop_s3
   return 0
 }
 trap cleanup EXIT
@@ -143,6 +145,14 @@ rm -rf "$WORK"; mkdir -p "$WORK/bin" "$OUTDIR"
 install -m 755 "$PITR_BIN" "$WORK/bin/pitr"
 PITR=$WORK/bin/pitr
 chown postgres: "$WORK"
+S3DATA=$WORK/s3data
+[ "$REPO_KIND" = s3 ] && start_s3
+# Repositories by name (pitr-live, pgbr-live, pitr-pitr, pgbr-pitr): where their objects lie on
+# this machine's disk (s3s-fs keeps one file per object), and how to empty one.
+repo_dir() { if [ "$REPO_KIND" = s3 ]; then echo "$S3DATA/$BUCKET/$1"; else echo "$WORK/$1-repo"; fi; }
+fresh_repo() {
+  if [ "$REPO_KIND" = s3 ]; then s3_rm_prefix "$1"; else rm -rf "$WORK/$1-repo"; fresh_dir "$WORK/$1-repo"; fi
+}
 : >"$RES"; : >"$OUTDIR/bench.log"; : >"$OUTDIR/pitr_verify.txt"
 
 (cd "$CORPUS" && ls | grep -E '^[0-9A-F]{24}$' | sort) >"$SEGS"
@@ -176,13 +186,16 @@ chown -R postgres: "$STAGE_PG"; chmod 700 "$STAGE_PG"
 
 as_pg "$PITR" keygen --output "$KEYRING" >/dev/null
 pitr_conf() {   # name pgdata
+  local repo="file://$WORK/pitr-$1-repo" store=
+  if [ "$REPO_KIND" = s3 ]; then repo="s3://$BUCKET/pitr-$1" store=$(pitr_s3_store); fi
   cat >"$WORK/pitr-$1.toml" <<EOF
-repo = 'file://$WORK/pitr-$1-repo'
+repo = '$repo'
 key_file = '$KEYRING'
 compression_level = 1
 archive_concurrency = $CONC
 store_timeout = 120
 ${2:+pgdata = '$2'}
+$store
 EOF
 }
 pitr_conf live "$LIVE"
@@ -190,7 +203,7 @@ pitr_conf pitr ""
 pgbr_conf() {   # name stanza pg1-path [port]
   cat >"$WORK/pgbr-$1.conf" <<EOF
 [global]
-repo1-path=$WORK/pgbr-$1-repo
+$(if [ "$REPO_KIND" = s3 ]; then pgbr_s3_repo "/pgbr-$1"; else echo "repo1-path=$WORK/pgbr-$1-repo"; fi)
 repo1-cipher-type=aes-256-cbc
 repo1-cipher-pass=$CIPHER_PASS
 repo1-retention-full=99
@@ -286,7 +299,7 @@ cat "$LIVE"/base/*/* >/dev/null 2>&1 || true     # both tools read a warm page c
 RESTORE_A=$WORK/restore-a
 prep_backup_pgbr() {   # fresh repository, archive_command = its archive-push
   set_archive "$(printf '%s ' "${PGBR_LIVE[@]}")archive-push %p"
-  rm -rf "$WORK/pgbr-live-repo"; fresh_dir "$WORK/pgbr-live-repo"
+  fresh_repo pgbr-live
   as_pg "${PGBR_LIVE[@]}" stanza-create >/dev/null
   sync
 }
@@ -295,7 +308,7 @@ backup_pgbr() {   # online full backup
 }
 prep_backup_pitr() {
   set_archive "$(printf '%s ' "${PITR_LIVE[@]}")archive-push %p"
-  fresh_dir "$WORK/pitr-live-repo"
+  fresh_repo pitr-live
   sync
 }
 backup_pitr() {
@@ -339,16 +352,16 @@ for r in 1 2 3; do
   prepare=prep_limit_write timed limit-write "$r" sh -c "cp -a $BASE2 $LIMIT_DIR && sync -f $LIMIT_DIR"
 done
 rm -rf "$LIMIT_DIR"
-PGBR_SET=$(ls "$WORK/pgbr-live-repo/backup/live" | grep -E '^[0-9]{8}-[0-9]{6}F$' | tail -1)
+PGBR_SET=$(ls "$(repo_dir pgbr-live)/backup/live" | grep -E '^[0-9]{8}-[0-9]{6}F$' | tail -1)
 {
   echo "base_data_bytes_without_pg_wal $DATA_BYTES"
-  echo "pgbackrest_backup_set_bytes $(du -sb "$WORK/pgbr-live-repo/backup/live/$PGBR_SET" | cut -f1)"
-  echo "pitr_backup_bytes(chunks+manifest) $(du -sbc "$WORK/pitr-live-repo/chunks" "$WORK/pitr-live-repo/backups" | tail -1 | cut -f1)"
+  echo "pgbackrest_backup_set_bytes $(du -sb "$(repo_dir pgbr-live)/backup/live/$PGBR_SET" | cut -f1)"
+  echo "pitr_backup_bytes(chunks+manifest) $(du -sbc "$(repo_dir pitr-live)/chunks" "$(repo_dir pitr-live)/backups" | tail -1 | cut -f1)"
   echo "pitr_backup_logical_bytes $(as_pg "${PITR_LIVE[@]}" list --output json | jq '.backups[-1].logical_bytes')"
   echo "restored_dir_bytes pgbackrest $RB_PGBR pitr $RB_PITR"
 } >"$OUTDIR/sizes.txt"
 # one segment the live primary archived: it has a corpus segment's name but other contents
-LIVE_SEG=$(find "$WORK/pitr-live-repo/wal" -type f | grep -E '/[0-9A-F]{24}$' | sort | tail -1 | xargs basename)
+LIVE_SEG=$(find "$(repo_dir pitr-live)/wal" -type f | grep -E '/[0-9A-F]{24}$' | sort | tail -1 | xargs basename)
 pg_stop "$LIVE"
 
 # ================================================================ B. PITR
@@ -362,14 +375,14 @@ cd "$dir"
 while read -r s; do "$@" archive-push "pg_wal/$s" || { echo "archive-push pg_wal/$s failed" >&2; exit 1; }; done <"$list"
 EOF
 chmod 755 "$WORK/push.sh"
-fresh_dir "$WORK/pitr-pitr-repo"
+fresh_repo pitr-pitr
 as_pg "$WORK/push.sh" "$SEGS" "$STAGE_PG" "${PITR_PITR[@]}" 2>>"$OUTDIR/bench.log"
-n=$(find "$WORK/pitr-pitr-repo/wal" -type f -name '0*' | wc -l)
+n=$(find "$(repo_dir pitr-pitr)/wal" -type f -name '0*' | grep -cE '/[0-9A-F]{24}$' || true)
 [ "$n" -eq "$NSEG" ] || die "pitr repository holds $n of $NSEG corpus segments"
-fresh_dir "$WORK/pgbr-pitr-repo"
+fresh_repo pgbr-pitr
 as_pg "${PGBR_PITR[@]}" --no-online stanza-create >/dev/null
 as_pg "$WORK/push.sh" "$SEGS" "$STAGE_PG" "${PGBR_PITR[@]}" 2>>"$OUTDIR/bench.log"
-n=$(find "$WORK/pgbr-pitr-repo/archive" -type f -name '0*-*' | wc -l)
+n=$(find "$(repo_dir pgbr-pitr)/archive" -type f -name '0*-*' | grep -cvE '\.s3s' || true)
 [ "$n" -eq "$NSEG" ] || die "pgBackRest repository holds $n of $NSEG corpus segments"
 
 # Why a primary copy cannot serve: its WAL diverges from the corpus under the same names.
@@ -387,7 +400,7 @@ log "part B: full backups of the cold base for PITR (one each, informational tim
 sync
 timed backup-base-pgbackrest-offline 1 runuser -u postgres -- "${PGBR_PITR[@]}" --pg1-path="$BASE2" \
   --no-online --type=full backup
-SET=$(ls "$WORK/pgbr-pitr-repo/backup/bench" | grep -E '^[0-9]{8}-[0-9]{6}F$' | tail -1)
+SET=$(ls "$(repo_dir pgbr-pitr)/backup/bench" | grep -E '^[0-9]{8}-[0-9]{6}F$' | tail -1)
 pg_start "$STBY" "$WORK/standby.log" "-c port=$STBY_PORT"
 [ "$(psql_at "$STBY_PORT" -c 'select pg_is_in_recovery()')" = t ] || die "$STBY is not a standby"
 ATTEMPTS=1 timed backup-base-pitr-standby 1 runuser -u postgres -- "${PGENV[@]}" PGPORT="$STBY_PORT" \
@@ -471,7 +484,7 @@ pitr_attempt() {   # label kind run; returns 1 (recording nothing) if it was dis
 }
 log "part B: PITR to $TARGET, $PITR_RUNS runs of 5 cases"
 cat "$CORPUS"/* >/dev/null      # the corpus (floors) and the repositories are read from a warm cache
-cat "$WORK"/pitr-pitr-repo/wal/*/* "$WORK"/pgbr-pitr-repo/archive/bench/*/*/* >/dev/null 2>&1 || true
+cat "$(repo_dir pitr-pitr)"/wal/*/* "$(repo_dir pgbr-pitr)"/archive/bench/*/*/* >/dev/null 2>&1 || true
 CASES=(pgbr-sync pgbr-async pgbr-floor pitr pitr-floor)
 for r in $(seq 1 "$PITR_RUNS"); do     # the order rotates by one case every run
   for i in $(seq 0 $((${#CASES[@]} - 1))); do
@@ -504,7 +517,7 @@ MIB=$(awk -v b="$DATA_BYTES" 'BEGIN{printf "%.1f", b/1048576}')
 {
   echo "pitr backup/restore/PITR bench  $(date -u '+%Y-%m-%d %H:%M:%SZ')  host $(hostname) ($(nproc) CPUs)"
   echo "data: $BASE without pg_wal = $MIB MiB; corpus $NSEG segments; $(pgbackrest version); $("$PITR" --version)"
-  echo "both: zstd level 1, encrypted (pgBackRest aes-256-cbc, pitr keyring AES-256-GCM), 2 workers (process-max=$CONC / --concurrency $CONC), local-disk repositories"
+  echo "both: zstd level 1, encrypted (pgBackRest aes-256-cbc, pitr keyring AES-256-GCM), 2 workers (process-max=$CONC / --concurrency $CONC), repositories: $([ "$REPO_KIND" = s3 ] && echo "S3 (s3s-fs, +${DELAY_MS} ms each way)" || echo "local disk")"
   echo "runs: part A $RUNS, part B $PITR_RUNS (medians)"
   [ "$WAITED_S" -gt 0 ] && echo "note: waited $WAITED_S s in total for daemon_bench.sh/cargo/rustc before timed phases"
   [ "$RETRIED" -gt 0 ] && echo "note: $RETRIED run(s) disturbed by daemon_bench.sh/cargo/rustc were discarded and repeated"

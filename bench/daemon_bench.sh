@@ -64,14 +64,9 @@ CONC=${CONC:-2}
 CONC_HI=${CONC_HI:-8}
 PREFETCH=${PREFETCH:-16}
 HTTP_ADDR=${HTTP_ADDR:-127.0.0.1:19851}
-S3_PORT=${S3_PORT:-19700}
-PROXY_PORT=${PROXY_PORT:-19701}
-TLS_PORT=${TLS_PORT:-19702}
-DELAY_MS=${DELAY_MS:-10}
 WORK=${WORK:-/tmp/pitr-bench/dwork}
 OUTDIR=${OUTDIR:-/tmp/pitr-bench/daemon-results}
 CIPHER_PASS=${CIPHER_PASS:-bench-passphrase-0123456789abcdef}
-S3_AK=benchaccess S3_SK=benchsecret0123456789 BUCKET=bench
 PY=/usr/bin/python3
 
 STAGE=$WORK/stage          # push PGDATA: global/pg_control, PG_VERSION, pg_wal/ (+ .ready)
@@ -162,41 +157,12 @@ chmod 755 "$WORK/driver.sh"
 DRIVER=$WORK/driver.sh
 
 # ---------------------------------------------------------------- S3 (optional)
-S3_PID= PROXY_PID= TLS_PID= DAEMON_JOB=
+DAEMON_JOB=
 cleanup() {
   stop_daemon 2>/dev/null || true
-  local p
-  for p in $TLS_PID $PROXY_PID $S3_PID; do kill "$p" 2>/dev/null || true; done
+  stop_s3
 }
 trap cleanup EXIT
-wait_port() { local i; for i in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-start_s3() {
-  mkdir -p "$S3DATA/$BUCKET" "$WORK/tls"
-  s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key "$S3_AK" --secret-key "$S3_SK" "$S3DATA" \
-    >"$OUTDIR/s3s-fs.log" 2>&1 &
-  S3_PID=$!
-  "$PY" "$HERE/delay_proxy.py" --listen "127.0.0.1:$PROXY_PORT" --target "127.0.0.1:$S3_PORT" \
-    --delay-ms "$DELAY_MS" >"$OUTDIR/delay_proxy.log" 2>&1 &
-  PROXY_PID=$!
-  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=127.0.0.1 \
-    -keyout "$WORK/tls/key.pem" -out "$WORK/tls/cert.pem" 2>/dev/null
-  cat >"$WORK/tls/stunnel.conf" <<EOF
-foreground = yes
-pid =
-debug = 3
-[s3]
-accept = 127.0.0.1:$TLS_PORT
-connect = 127.0.0.1:$PROXY_PORT
-cert = $WORK/tls/cert.pem
-key = $WORK/tls/key.pem
-EOF
-  stunnel4 "$WORK/tls/stunnel.conf" >"$OUTDIR/stunnel.log" 2>&1 &
-  TLS_PID=$!
-  wait_port "$S3_PORT" || die "s3s-fs did not start (see $OUTDIR/s3s-fs.log)"
-  wait_port "$PROXY_PORT" || die "delay_proxy did not start (see $OUTDIR/delay_proxy.log)"
-  wait_port "$TLS_PORT" || die "stunnel did not start (see $OUTDIR/stunnel.log)"
-  log "S3: s3s-fs :$S3_PORT <- delay proxy +${DELAY_MS} ms each way :$PROXY_PORT <- stunnel (TLS, pgBackRest only) :$TLS_PORT"
-}
 [ "${SUMMARY_ONLY:-0}" = 1 ] || case " $REPOS " in *" s3 "*) start_s3;; esac
 
 # ---------------------------------------------------------------- per-corpus / per-repo setup
@@ -217,12 +183,7 @@ write_configs() {
     repo="file://$WORK/pitr-repo-c%C" store=
   else
     repo="s3://$BUCKET/pitr-c%C"
-    store="[store]
-aws_endpoint = 'http://127.0.0.1:$PROXY_PORT'
-aws_allow_http = 'true'
-aws_access_key_id = '$S3_AK'
-aws_secret_access_key = '$S3_SK'
-aws_region = 'us-east-1'"
+    store=$(pitr_s3_store)
   fi
   for c in "$CONC" "$CONC_HI"; do
     for role in push get; do
@@ -248,18 +209,7 @@ EOF
     if [ "$kind" = local ]; then
       echo "repo1-path=$WORK/pgbr-repo"
     else
-      cat <<EOF
-repo1-type=s3
-repo1-path=/pgbr
-repo1-s3-bucket=$BUCKET
-repo1-s3-endpoint=127.0.0.1
-repo1-storage-port=$TLS_PORT
-repo1-storage-verify-tls=n
-repo1-s3-uri-style=path
-repo1-s3-region=us-east-1
-repo1-s3-key=$S3_AK
-repo1-s3-key-secret=$S3_SK
-EOF
+      pgbr_s3_repo /pgbr
     fi
     cat <<EOF
 repo1-cipher-type=aes-256-cbc
@@ -293,19 +243,6 @@ stage_pgdata() {   # DIR [ready]: fake PGDATA; with "ready", pg_wal holds the co
     while read -r s; do ln "$CORPUS/$s" "$1/pg_wal/$s"; : >"$1/pg_wal/archive_status/$s.ready"; done <"$SEGS"
   fi
   chown -R postgres: "$1"; chmod 700 "$1"
-}
-s3_rm_prefix() {   # PREFIX: delete the objects under BUCKET/PREFIX and s3s-fs's metadata files of them
-  rm -rf "${S3DATA:?}/$BUCKET/$1"
-  "$PY" - "$S3DATA" "$BUCKET" "$1/" <<'EOF'
-import base64, os, re, sys
-root, bucket, prefix = sys.argv[1:4]
-def dec(text):
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode(errors="replace")
-for name in os.listdir(root):
-    m = re.match(r"\.bucket-([A-Za-z0-9_-]+)\.object-([A-Za-z0-9_-]+)\.", name)
-    if m and dec(m.group(1)) == bucket and dec(m.group(2)).startswith(prefix):
-        os.remove(os.path.join(root, name))
-EOF
 }
 fresh_pitr_repo() {   # KIND CONC
   if [ "$1" = local ]; then fresh_dir "$WORK/pitr-repo-c$2"; else s3_rm_prefix "pitr-c$2"; fi

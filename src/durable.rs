@@ -17,6 +17,22 @@ pub fn sync_parent_directory(path: &Path) -> io::Result<()> {
     File::open(parent)?.sync_all()
 }
 
+/// Asks the kernel to start writing `length` bytes of `file` from `offset` to disk, without
+/// waiting. This is only a head start for a later fsync or syncfs, which remains the durability
+/// point: the disk then works while the CPU produces the next data, instead of all at the end.
+pub fn start_writeback(file: &File, offset: u64, length: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call; the flag only schedules I/O.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            length as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// A temporary file next to its final destination. Dropped without `commit`, it removes itself,
 /// so a failed write never leaves a half-written file behind.
 pub struct PendingFile {
@@ -59,21 +75,10 @@ impl PendingFile {
         self.file.as_mut().expect("the file is open until commit")
     }
 
-    /// Asks the kernel to start writing what was written so far, without waiting for it. This
-    /// is only a head start for `commit`'s fsync, which remains the durability point.
+    /// Starts writeback of what was written since the last call: a head start for `commit`.
     fn start_writeback(&mut self) {
-        use std::os::fd::AsRawFd;
-        let descriptor = self.file().as_raw_fd();
-        let length = (self.written - self.flushed) as i64;
-        // SAFETY: the descriptor is open for the lifetime of the call; the flag only schedules I/O.
-        unsafe {
-            libc::sync_file_range(
-                descriptor,
-                self.flushed as i64,
-                length,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
+        let (offset, length) = (self.flushed, self.written - self.flushed);
+        start_writeback(self.file(), offset, length);
         self.flushed = self.written;
     }
 

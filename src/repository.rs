@@ -30,6 +30,8 @@ use crate::wal::{PgVersion, SystemIdentifier, WalFileName, WalSegmentSize};
 pub const FORMAT_VERSION: u32 = 1;
 const IDENTITY_KEY: &str = "pitr.identity";
 pub const WAL_PREFIX: &str = "wal";
+/// Objects a backup or restore keeps in flight on a remote store (see `transfers_in_flight`).
+const REMOTE_TRANSFERS_IN_FLIGHT: usize = 16;
 
 /// When a create-only write becomes durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +296,19 @@ impl Repository {
     /// Where a WAL file lives: grouped by timeline, under its own name.
     pub fn wal_key(name: &WalFileName) -> String {
         format!("{WAL_PREFIX}/{}/{name}", name.timeline())
+    }
+
+    /// How many objects to keep in flight for `workers` CPU workers. Locally a transfer is CPU
+    /// and disk work, so one per worker. A remote request mostly waits for its round trip, so
+    /// more run at once, or a backup or restore of thousands of small objects would spend its
+    /// time waiting on latency.
+    pub fn transfers_in_flight(&self, workers: usize) -> usize {
+        let workers = workers.max(1);
+        if self.is_local() {
+            workers
+        } else {
+            workers.max(REMOTE_TRANSFERS_IN_FLIGHT)
+        }
     }
 
     /// Whether this is a `file://` repository on a local filesystem.

@@ -67,6 +67,12 @@ struct Shared {
     reused_chunks: AtomicU64,
     new_chunks: AtomicU64,
     corrupt_pages: Mutex<Vec<String>>,
+    /// Chunks read but not yet stored, across all files: a reader takes a permit before it
+    /// reads a chunk and the upload gives it back, so memory stays at this many chunks however
+    /// many files and uploads are in flight.
+    chunk_permits: Arc<tokio::sync::Semaphore>,
+    /// Uploads in flight per file (and files in flight): `Repository::transfers_in_flight`.
+    in_flight: usize,
 }
 
 pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifest> {
@@ -141,6 +147,7 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
 
     let (directories, files) = walk(&pgdata)?;
     let logical_bytes = files.iter().map(|(_, _, size)| size).sum::<u64>();
+    let in_flight = repository.transfers_in_flight(options.concurrency);
     let shared = Arc::new(Shared {
         repository,
         encode: EncodeOptions {
@@ -157,6 +164,8 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
         reused_chunks: AtomicU64::new(0),
         new_chunks: AtomicU64::new(0),
         corrupt_pages: Mutex::new(Vec::new()),
+        chunk_permits: Arc::new(tokio::sync::Semaphore::new(2 * in_flight)),
+        in_flight,
     });
     // pg_control is copied after every other file: on a standby, its minimum recovery point
     // then covers every change the other files may hold, as Postgres requires.
@@ -164,19 +173,12 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
         .into_iter()
         .partition(|(_, relative, _)| relative == "global/pg_control");
     let mut results: Vec<Result<Option<ManifestFile>>> = futures::stream::iter(others)
-        .map(|(path, relative, _)| {
-            backup_file(
-                Arc::clone(&shared),
-                path,
-                relative,
-                options.concurrency.max(1),
-            )
-        })
-        .buffer_unordered(options.concurrency.max(1))
+        .map(|(path, relative, _)| backup_file(Arc::clone(&shared), path, relative))
+        .buffer_unordered(in_flight)
         .collect()
         .await;
     for (path, relative, _) in control {
-        results.push(backup_file(Arc::clone(&shared), path, relative, 1).await);
+        results.push(backup_file(Arc::clone(&shared), path, relative).await);
     }
     let mut manifest_files = Vec::new();
     for result in results {
@@ -348,17 +350,15 @@ fn walk(pgdata: &Path) -> Result<(Vec<String>, Vec<(PathBuf, String, u64)>)> {
     Ok((directories, files))
 }
 
-/// Reads one file chunk by chunk, verifying pages and uploading the chunks the repository lacks.
+/// Backs up one file, uploading the chunks the repository lacks. A blocking reader reads it in
+/// order, verifies page checksums, hashes the whole file and gives each chunk its id; the chunks
+/// it hands over are compressed, encrypted and stored `in_flight` at a time, so one large
+/// relation file uses every core (and, remotely, many connections). Memory: `chunk_permits`.
 /// A file dropped while the backup runs is simply absent: WAL replay removes it anyway.
-/// Backs up one file. A blocking reader reads it in order, verifies page checksums, hashes the
-/// whole file and gives each chunk its id; the chunks it hands over are compressed, encrypted
-/// and stored `concurrency` at a time, so one large relation file uses every core. The channel
-/// and the uploads in flight bound memory to a few chunks per file.
 async fn backup_file(
     shared: Arc<Shared>,
     path: PathBuf,
     relative: String,
-    concurrency: usize,
 ) -> Result<Option<ManifestFile>> {
     let file = match std::fs::File::open(&path) {
         Ok(file) => file,
@@ -366,16 +366,19 @@ async fn backup_file(
         Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
     };
     let mode = file.metadata()?.mode() & 0o7777;
-    let (sender, receiver) = tokio::sync::mpsc::channel::<(ChunkId, Vec<u8>)>(concurrency);
+    let (sender, receiver) = tokio::sync::mpsc::channel::<ReadChunk>(shared.in_flight);
     let reader = {
         let (shared, relative) = (Arc::clone(&shared), relative.clone());
-        tokio::task::spawn_blocking(move || read_chunks(&shared, file, &relative, &sender))
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            read_chunks(&shared, &runtime, file, &relative, &sender)
+        })
     };
     let chunks = futures::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|item| (item, receiver))
     })
-    .map(|(id, chunk)| store_chunk(&shared, id, chunk))
-    .buffered(concurrency)
+    .map(|(id, chunk, permit)| store_chunk(&shared, id, chunk, permit))
+    .buffered(shared.in_flight)
     .try_collect::<Vec<ChunkId>>()
     .await;
     // An upload error drops the receiver, which stops the reader; report the upload's error.
@@ -391,18 +394,25 @@ async fn backup_file(
     }))
 }
 
+/// A chunk read from a file, with its id and its place among the `chunk_permits`.
+type ReadChunk = (ChunkId, Vec<u8>, tokio::sync::OwnedSemaphorePermit);
+
 /// The reading half of `backup_file`: returns the file's size and BLAKE3 checksum.
 fn read_chunks(
     shared: &Shared,
+    runtime: &tokio::runtime::Handle,
     mut file: std::fs::File,
     relative: &str,
-    sender: &tokio::sync::mpsc::Sender<(ChunkId, Vec<u8>)>,
+    sender: &tokio::sync::mpsc::Sender<ReadChunk>,
 ) -> std::io::Result<(u64, String)> {
     let relation_segment =
         page_checksum::relation_segment(relative).filter(|_| shared.verify_pages);
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
     for index in 0u64.. {
+        let permit = runtime
+            .block_on(Arc::clone(&shared.chunk_permits).acquire_owned())
+            .expect("the chunk permits are never closed");
         let mut chunk = vec![0u8; CHUNK_SIZE];
         let filled = read_full(&mut file, &mut chunk)?;
         chunk.truncate(filled);
@@ -417,14 +427,20 @@ fn read_chunks(
         shared.progress.advance(chunk.len() as u64);
         let last = chunk.len() < CHUNK_SIZE;
         let id = ChunkId::of(&chunk, shared.repository.keyring());
-        if sender.blocking_send((id, chunk)).is_err() || last {
+        if sender.blocking_send((id, chunk, permit)).is_err() || last {
             break;
         }
     }
     Ok((size, hasher.finalize().to_hex().to_string()))
 }
 
-async fn store_chunk(shared: &Shared, id: ChunkId, chunk: Vec<u8>) -> Result<ChunkId> {
+/// Stores one chunk unless the repository has it; `_permit` is given back when this returns.
+async fn store_chunk(
+    shared: &Shared,
+    id: ChunkId,
+    chunk: Vec<u8>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<ChunkId> {
     if shared.known_chunks.contains(&id) {
         shared.reused_chunks.fetch_add(1, Ordering::Relaxed);
         return Ok(id);

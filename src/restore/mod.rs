@@ -16,6 +16,7 @@ pub mod timeline;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -438,18 +439,11 @@ async fn download(
         .iter()
         .partition(|file| file.path == "global/pg_control");
     let progress = crate::progress::Progress::start("restore", backup.logical_bytes);
+    let in_flight = repository.transfers_in_flight(options.concurrency);
+    let budget = ChunkBudget::new(in_flight);
     let results: Vec<Result<()>> = futures::stream::iter(others)
-        .map(|file| {
-            restore_file(
-                repository,
-                pgdata,
-                file,
-                options.delta,
-                options.concurrency.max(1),
-                &progress,
-            )
-        })
-        .buffer_unordered(options.concurrency.max(1))
+        .map(|file| restore_file(repository, pgdata, file, options.delta, &budget, &progress))
+        .buffer_unordered(in_flight)
         .collect()
         .await;
     results.into_iter().collect::<Result<Vec<()>>>()?;
@@ -457,7 +451,7 @@ async fn download(
     // startable; a crash in between then leaves a directory that refuses to start.
     sync_filesystem(pgdata)?;
     for file in control {
-        restore_file(repository, pgdata, file, false, 1, &progress).await?;
+        restore_file(repository, pgdata, file, false, &budget, &progress).await?;
     }
     // backup_label tells recovery where to start: the checkpoint of pg_backup_start, not the
     // one pg_control recorded while the files were being copied. The tablespace links are
@@ -467,12 +461,32 @@ async fn download(
     Ok(())
 }
 
+/// Decoded chunks in memory across all files being restored: each holds a permit from when its
+/// fetch starts until the writer has written it. Files and their chunks are fetched
+/// `in_flight` at a time (more on a remote store, see `Repository::transfers_in_flight`), so a
+/// large file restores at the store's full parallelism while memory stays at twice that many
+/// chunks. Permits are granted in request order and a file's chunks ask in file order, so the
+/// chunk a writer waits for always gets one.
+struct ChunkBudget {
+    permits: Arc<tokio::sync::Semaphore>,
+    per_file: usize,
+}
+
+impl ChunkBudget {
+    fn new(in_flight: usize) -> Self {
+        ChunkBudget {
+            permits: Arc::new(tokio::sync::Semaphore::new(2 * in_flight)),
+            per_file: in_flight,
+        }
+    }
+}
+
 async fn restore_file(
     repository: &Repository,
     pgdata: &Path,
     file: &ManifestFile,
     delta: bool,
-    concurrency: usize,
+    budget: &ChunkBudget,
     progress: &crate::progress::Progress,
 ) -> Result<()> {
     let path = pgdata.join(&file.path);
@@ -484,20 +498,24 @@ async fn restore_file(
         std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     // Chunks of one file are fetched and decoded several at a time and handed, in order, to a
     // blocking writer that hashes and writes them, so a large relation file is not restored on
-    // one core and the async threads never wait on the disk. Memory stays at a few chunks.
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(concurrency);
+    // one core and the async threads never wait on the disk. Memory: see `ChunkBudget`.
+    let (sender, receiver) = tokio::sync::mpsc::channel::<BudgetedChunk>(budget.per_file);
     let writer = tokio::task::spawn_blocking(move || write_hashed(output, receiver));
     let capacity = file.size.min(CHUNK_CAPACITY) as usize;
     let mut chunks = futures::stream::iter(&file.chunks)
         .map(|chunk| async move {
+            let permit = Arc::clone(&budget.permits)
+                .acquire_owned()
+                .await
+                .expect("the chunk budget is never closed");
             let restored = repository
                 .read_object(&chunk.key(), Vec::with_capacity(capacity))
                 .await
                 .with_context(|| format!("restoring {} failed at chunk {}; the restored directory is incomplete and will not start", file.path, chunk.0))?;
             let (_, bytes) = restored.with_context(|| format!("chunk {} of {} is missing from the repository; the restored directory is incomplete and will not start", chunk.0, file.path))?;
-            anyhow::Ok(bytes)
+            anyhow::Ok((bytes, permit))
         })
-        .buffered(concurrency);
+        .buffered(budget.per_file);
     let mut fetched = Ok(());
     while let Some(bytes) = chunks.next().await {
         match bytes {
@@ -535,16 +553,19 @@ async fn restore_file(
 /// A restore chunk is at most this large (the backup's chunk size).
 const CHUNK_CAPACITY: u64 = 1 << 20;
 
+/// A decoded chunk and its place in the `ChunkBudget`, given back once it is written.
+type BudgetedChunk = (Vec<u8>, tokio::sync::OwnedSemaphorePermit);
+
 /// Writes chunks in the order received, hashing them; returns the file's BLAKE3 in hex.
 /// Writeback starts as the file grows, so the final syncfs finds little left to write.
 fn write_hashed(
     mut file: std::fs::File,
-    mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    mut chunks: tokio::sync::mpsc::Receiver<BudgetedChunk>,
 ) -> std::io::Result<String> {
     const WRITEBACK_STEP: u64 = 4 << 20;
     let mut hasher = blake3::Hasher::new();
     let (mut written, mut flushed) = (0u64, 0u64);
-    while let Some(chunk) = chunks.blocking_recv() {
+    while let Some((chunk, _permit)) = chunks.blocking_recv() {
         hasher.update(&chunk);
         file.write_all(&chunk)?;
         written += chunk.len() as u64;

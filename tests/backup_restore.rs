@@ -189,6 +189,13 @@ fn restores_land_exactly_on_every_kind_of_target() {
         ledger.ids_through(ledger.rows_at_backup as u32)
     );
     assert_eq!(ledger.restore("end", &[]), ledger.ids_through(45));
+
+    // A backup taken after the restore point cannot reach it: the earlier one is chosen.
+    ledger.backup();
+    assert_eq!(
+        ledger.restore("name_older_backup", &["--target-name", "before_31"]),
+        ledger.ids_through(ledger.restore_point_after as u32)
+    );
 }
 
 #[test]

@@ -32,17 +32,21 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
         return Ok(outcome);
     }
     let repository = Arc::new(Repository::open(settings)?);
-    check_cluster(settings, &repository, wal_file).await?;
-    let WalFileName::Segment(segment) = name else {
-        return fetch(&repository, &name, &destination).await;
+    let segment = match name {
+        WalFileName::Segment(segment) if settings.prefetch_segments > 0 => segment,
+        _ => {
+            check_cluster(settings, &repository, wal_file).await?;
+            return fetch(&repository, &name, &destination).await;
+        }
     };
-    if settings.prefetch_segments == 0 {
-        return fetch(&repository, &name, &destination).await;
-    }
     let prefetcher = Prefetcher::new(settings, Arc::clone(&repository), Arc::new(Metrics::new()));
+    // A spooled copy was fetched and verified by a worker that a hook started here only after
+    // this data directory passed the cluster check, so serving it needs no round trip to the
+    // store (on a remote one, that round trip was most of a hit's time).
     let outcome = if prefetcher.take_spooled(&name, &destination)? {
         GetOutcome::Restored
     } else {
+        check_cluster(settings, &repository, wal_file).await?;
         fetch(&repository, &name, &destination).await?
     };
     if outcome == GetOutcome::Restored {

@@ -117,7 +117,14 @@ pub async fn run(settings: &Settings, options: &RestoreOptions) -> Result<()> {
     let identity = repository.require_identity().await?;
     let size = identity.segment_size();
     let backups = catalog(&repository).await?;
-    let backup = choose_backup(&backups, options)?;
+    let archive = read_archive(&repository, size).await?;
+    let index = ArchiveIndex::new(&repository, size, PgVersion(identity.pg_version));
+    let backup = match (&options.target, &options.backup) {
+        (RecoveryTarget::Name(name), None) => {
+            backup_before_restore_point(&backups, name, &archive, options, &index, size).await?
+        }
+        _ => choose_backup(&backups, options)?,
+    };
     match &options.backup {
         Some(_) => println!(
             "restoring to {} from backup {} as chosen with --backup (consistent at LSN {}, timeline {})",
@@ -126,9 +133,7 @@ pub async fn run(settings: &Settings, options: &RestoreOptions) -> Result<()> {
         None => println!("{}", explain_choice(backup, &options.target, &backups)),
     }
     let links = tablespaces::plan(backup, &options.tablespaces, &pgdata, options.delta)?;
-    let archive = read_archive(&repository, size).await?;
     let path = timeline_path(backup, &archive, options.timeline)?;
-    let index = ArchiveIndex::new(&repository, size, PgVersion(identity.pg_version));
     let last_needed = last_segment_needed(backup, options, &archive, &path, &index, size).await?;
     let first = backup.start_lsn.0 / u64::from(size.0);
     let reached = check_coverage(&archive.segments, &path, size, first, last_needed).map_err(|missing| {
@@ -221,6 +226,33 @@ fn choose_backup<'a>(backups: &'a [Manifest], options: &RestoreOptions) -> Resul
             earliest.stop_lsn
         )
     })
+}
+
+/// For `--target-name` without `--backup`: the newest backup from which recovery meets a
+/// restore point of that name only once consistent. Recovery stops at the first such point
+/// after the backup's start, so a backup that ends after it cannot serve. If none qualifies, the
+/// newest backup is returned and `last_segment_needed` explains why it cannot reach the point.
+async fn backup_before_restore_point<'a>(
+    backups: &'a [Manifest],
+    name: &str,
+    archive: &ArchiveView,
+    options: &RestoreOptions,
+    index: &ArchiveIndex<'_>,
+    size: WalSegmentSize,
+) -> Result<&'a Manifest> {
+    for backup in backups.iter().rev() {
+        let Ok(path) = timeline_path(backup, archive, options.timeline) else {
+            continue;
+        };
+        let segments =
+            archive.segments_on_path(&path, backup.start_lsn.0 / u64::from(size.0), size);
+        if let Some((_, point)) = index.first_restore_point_named(&segments, name).await?
+            && point.lsn >= backup.stop_lsn
+        {
+            return Ok(backup);
+        }
+    }
+    choose_backup(backups, options)
 }
 
 fn explain_choice(backup: &Manifest, target: &RecoveryTarget, backups: &[Manifest]) -> String {

@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::{Cluster, Workspace, pg15_available, stderr_of};
+use support::{Cluster, S3Server, Workspace, pg15_available, stderr_of};
 
 /// A primary archiving into an encrypted file:// repository, with a ledger of one row per
 /// transaction and a backup taken in the middle of the writes.
@@ -689,5 +689,61 @@ fn a_torn_chunk_left_by_an_interrupted_backup_is_replaced_not_reused() {
     assert_eq!(
         ledger.restore("after_torn_chunk", &[]),
         ledger.ids_through(45)
+    );
+}
+
+#[test]
+fn backup_and_restore_on_an_s3_repository() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let Some(s3) = S3Server::start(&workspace) else {
+        return;
+    };
+    let keyring = workspace.keygen("keyring");
+    let config = workspace.write_config(
+        "pitr.toml",
+        &format!(
+            "repo = 's3://{}/clusters/main'\nkey_file = '{}'\npgdata = '{}'\nstore_timeout = 30\n{}",
+            s3.bucket,
+            keyring.display(),
+            workspace.path("primary").display(),
+            s3.store_settings()
+        ),
+    );
+    let archive_command = workspace.archive_command(&config);
+    let mut primary = Cluster::init_with(
+        &workspace,
+        "primary",
+        &format!("wal_level = replica\narchive_mode = on\narchive_command = '{archive_command}'"),
+        &["--data-checksums"],
+    );
+    primary.start();
+    // A relation file of tens of chunks and many small files: a remote restore keeps many
+    // transfers in flight within one file and across files.
+    primary.sql("create table bulk as select g as id, md5(g::text) || repeat('x', 200) as payload from generate_series(1, 120000) g");
+    let output = workspace.pitr_with_env(&config, &["backup"], &primary.libpq_environment());
+    assert!(output.status.success(), "backup: {}", stderr_of(&output));
+    primary.sql("insert into bulk values (0, 'after the backup')");
+    primary.sql("select pg_switch_wal()");
+    primary.wait_until_archived(Duration::from_secs(60));
+    let expected = primary.sql("select count(*), sum(length(payload)) from bulk");
+
+    let data = workspace.path("restored");
+    let output = workspace.pitr(&config, &["restore", "--pgdata", data.to_str().unwrap()]);
+    assert!(output.status.success(), "restore: {}", stderr_of(&output));
+    primary.stop();
+    let mut restored = Cluster::existing(&workspace, "restored");
+    restored.append_settings("archive_mode = off");
+    restored.start();
+    restored.wait_for("select pg_is_in_recovery()", "f", Duration::from_secs(120));
+    assert_eq!(
+        restored.sql("select count(*), sum(length(payload)) from bulk"),
+        expected
+    );
+    assert_eq!(
+        restored.sql("select payload from bulk where id = 0"),
+        "after the backup"
     );
 }

@@ -17,19 +17,59 @@ pub fn sync_parent_directory(path: &Path) -> io::Result<()> {
     File::open(parent)?.sync_all()
 }
 
-/// Asks the kernel to start writing `length` bytes of `file` from `offset` to disk, without
-/// waiting. This is only a head start for a later fsync or syncfs, which remains the durability
-/// point: the disk then works while the CPU produces the next data, instead of all at the end.
-pub fn start_writeback(file: &File, offset: u64, length: u64) {
+/// One `syncfs(2)` of the filesystem holding `path`: every file written there so far is durable
+/// when it returns, far faster than an fsync per file when there are thousands of them. It also
+/// reports any writeback error since those writes.
+pub fn sync_filesystem(path: &Path) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    // SAFETY: the descriptor is open for the duration of the call; the flag only schedules I/O.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as i64,
-            length as i64,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
+    let directory = File::open(path)?;
+    // SAFETY: the descriptor stays open for the duration of the call.
+    if unsafe { libc::syncfs(directory.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Starts the kernel writing a file to disk as it grows, without waiting. This is only a head
+/// start for a later fsync or syncfs, which remains the durability point: the disk then works
+/// while the CPU produces the next data, instead of all at the end.
+#[derive(Debug, Default)]
+pub struct Writeback {
+    written: u64,
+    flushed: u64,
+}
+
+/// Writeback is started every this many bytes.
+const WRITEBACK_STEP: u64 = 4 << 20;
+
+impl Writeback {
+    /// Records `count` more bytes written to `file`, starting writeback every few MiB.
+    pub fn wrote(&mut self, file: &File, count: usize) {
+        self.written += count as u64;
+        if self.written - self.flushed >= WRITEBACK_STEP {
+            self.start(file);
+        }
+    }
+
+    /// Starts writeback of whatever is written and not yet started.
+    pub fn finish(&mut self, file: &File) {
+        if self.written > self.flushed {
+            self.start(file);
+        }
+    }
+
+    fn start(&mut self, file: &File) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open for the duration of the call; the flag only schedules I/O.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                self.flushed as i64,
+                (self.written - self.flushed) as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        self.flushed = self.written;
     }
 }
 
@@ -39,12 +79,8 @@ pub struct PendingFile {
     temporary: PathBuf,
     destination: PathBuf,
     file: Option<File>,
-    written: u64,
-    flushed: u64,
+    writeback: Writeback,
 }
-
-/// Writeback is started every this many bytes, so the final fsync has little left to do.
-const WRITEBACK_STEP: u64 = 4 << 20;
 
 impl PendingFile {
     pub fn create(destination: &Path) -> io::Result<Self> {
@@ -66,20 +102,12 @@ impl PendingFile {
             temporary,
             destination: destination.to_path_buf(),
             file: Some(file),
-            written: 0,
-            flushed: 0,
+            writeback: Writeback::default(),
         })
     }
 
     pub fn file(&mut self) -> &mut File {
         self.file.as_mut().expect("the file is open until commit")
-    }
-
-    /// Starts writeback of what was written since the last call: a head start for `commit`.
-    fn start_writeback(&mut self) {
-        let (offset, length) = (self.flushed, self.written - self.flushed);
-        start_writeback(self.file(), offset, length);
-        self.flushed = self.written;
     }
 
     /// Fsyncs the data, renames it into place and fsyncs the directory.
@@ -102,11 +130,9 @@ impl Drop for PendingFile {
 
 impl std::io::Write for PendingFile {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let count = self.file().write(data)?;
-        self.written += count as u64;
-        if self.written - self.flushed >= WRITEBACK_STEP {
-            self.start_writeback();
-        }
+        let file = self.file.as_mut().expect("the file is open until commit");
+        let count = file.write(data)?;
+        self.writeback.wrote(file, count);
         Ok(count)
     }
 

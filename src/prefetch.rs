@@ -253,9 +253,12 @@ impl Prefetcher {
         let Ok(entries) = std::fs::read_dir(&self.spool) else {
             return Vec::new();
         };
+        // Dot files are the spool's own bookkeeping (the worker's lock, the latest request,
+        // fetches still being written), never a spooled segment.
         entries
             .flatten()
             .filter_map(|entry| Some((entry.file_name().into_string().ok()?, entry.path())))
+            .filter(|(name, _)| !name.starts_with('.'))
             .collect()
     }
 

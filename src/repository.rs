@@ -409,7 +409,7 @@ impl Repository {
         let Some(root) = self.local_root.clone() else {
             return Ok(());
         };
-        let synced = tokio::task::spawn_blocking(move || sync_filesystem(&root))
+        let synced = tokio::task::spawn_blocking(move || crate::durable::sync_filesystem(&root))
             .await
             .expect("the sync task does not panic");
         synced.map_err(|error| RepositoryError::Io {
@@ -676,17 +676,6 @@ pub fn check_same_cluster(
 }
 
 /// Makes a stored local object durable: its data, then each directory from it up to the root.
-/// One `syncfs(2)` of the filesystem holding `root`.
-fn sync_filesystem(root: &FsPath) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let directory = std::fs::File::open(root)?;
-    // SAFETY: the descriptor stays open for the duration of the call.
-    if unsafe { libc::syncfs(directory.as_raw_fd()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 fn sync_local_object(root: &FsPath, location: &Path) -> io::Result<()> {
     let path = root.join(location.as_ref());
     std::fs::File::open(&path)?.sync_all()?;

@@ -594,21 +594,14 @@ fn write_hashed(
     mut file: std::fs::File,
     mut chunks: tokio::sync::mpsc::Receiver<BudgetedChunk>,
 ) -> std::io::Result<String> {
-    const WRITEBACK_STEP: u64 = 4 << 20;
     let mut hasher = blake3::Hasher::new();
-    let (mut written, mut flushed) = (0u64, 0u64);
+    let mut writeback = crate::durable::Writeback::default();
     while let Some((chunk, _permit)) = chunks.blocking_recv() {
         hasher.update(&chunk);
         file.write_all(&chunk)?;
-        written += chunk.len() as u64;
-        if written - flushed >= WRITEBACK_STEP {
-            crate::durable::start_writeback(&file, flushed, written - flushed);
-            flushed = written;
-        }
+        writeback.wrote(&file, chunk.len());
     }
-    if written > flushed {
-        crate::durable::start_writeback(&file, flushed, written - flushed);
-    }
+    writeback.finish(&file);
     Ok(hasher.finalize().to_hex().to_string())
 }
 
@@ -759,13 +752,7 @@ fn shell_quote(word: &str) -> String {
 
 /// One syncfs makes every restored file durable, far faster than an fsync per file.
 fn sync_filesystem(pgdata: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let directory = std::fs::File::open(pgdata)?;
-    // SAFETY: the descriptor is valid for the duration of the call.
-    if unsafe { libc::syncfs(directory.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("syncing the restored files to disk");
-    }
-    Ok(())
+    crate::durable::sync_filesystem(pgdata).context("syncing the restored files to disk")
 }
 
 fn start_and_wait(

@@ -51,6 +51,9 @@ pub struct ArchiveIndex<'a> {
     repository: &'a Repository,
     size: WalSegmentSize,
     pg_version: PgVersion,
+    /// Summaries already read or computed by this index: choosing a backup and then checking
+    /// its reach read many of the same segments, and each read is a round trip remotely.
+    known: Mutex<std::collections::HashMap<SegmentName, SegmentSummary>>,
 }
 
 impl<'a> ArchiveIndex<'a> {
@@ -59,6 +62,7 @@ impl<'a> ArchiveIndex<'a> {
             repository,
             size,
             pg_version,
+            known: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -70,6 +74,24 @@ impl<'a> ArchiveIndex<'a> {
     /// the same or the next timeline), consulted only when a record straddles the boundary.
     /// `None` when the segment itself is not archived.
     pub async fn summary(
+        &self,
+        segment: SegmentName,
+        next: Option<SegmentName>,
+    ) -> Result<Option<SegmentSummary>> {
+        if let Some(known) = self.known.lock().unwrap().get(&segment) {
+            return Ok(Some(known.clone()));
+        }
+        let summary = self.read_or_compute(segment, next).await?;
+        // One that needed the next segment depends on `next`, so it is not kept.
+        if let Some(summary) = &summary
+            && summary.end != ScanEnd::NeedsNextSegment
+        {
+            self.known.lock().unwrap().insert(segment, summary.clone());
+        }
+        Ok(summary)
+    }
+
+    async fn read_or_compute(
         &self,
         segment: SegmentName,
         next: Option<SegmentName>,

@@ -66,7 +66,14 @@ impl Workspace {
         let bin = root.path().join("bin");
         std::fs::create_dir(&bin).unwrap();
         let pitr = bin.join("pitr");
-        std::fs::copy(env!("CARGO_BIN_EXE_pitr"), &pitr).unwrap();
+        // Copied by a child process, never by this one: a file this process holds open for
+        // writing is inherited by every child another test thread forks meanwhile, and exec of
+        // the copy then fails with "Text file busy" until those children exec in turn.
+        run_checked(
+            Command::new("cp")
+                .arg(env!("CARGO_BIN_EXE_pitr"))
+                .arg(&pitr),
+        );
         let workspace = Workspace { root, pitr };
         workspace.give_to_postgres(workspace.root.path());
         workspace

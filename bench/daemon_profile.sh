@@ -23,6 +23,8 @@ OUTDIR=${OUTDIR:-/tmp/pitr-bench/profile-c$CONC}
 HTTP_ADDR=${HTTP_ADDR:-127.0.0.1:19852}
 CORPUS=$BL/corpus SRC=$BL/src
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 busy() { pgrep -x cargo >/dev/null || pgrep -x rustc >/dev/null; }
 [ "$(id -u)" = 0 ] || { log "run as root"; exit 1; }
 command -v perf >/dev/null || { log "perf is not installed (apt-get install linux-perf)"; exit 1; }
@@ -59,6 +61,7 @@ profile() {
   sed "s#^pgdata = .*#pgdata = '$pgdata'#" "$WORK/pitr.toml" >"$WORK/pitr-$mode.toml"
   chown postgres: "$WORK/pitr-$mode.toml"
   while busy; do log "waiting for cargo/rustc to finish"; sleep 5; done
+  prewarm_memory "${PREWARM_MIB:-4096}"
   t0=$EPOCHREALTIME
   runuser -u postgres -- sh -c 'echo $$ >"$1"; exec "$2" --config "$3" daemon' sh \
     "$WORK/daemon.pid" "$WORK/bin/pitr" "$WORK/pitr-$mode.toml" >"$out/daemon.log" 2>&1 &

@@ -33,6 +33,10 @@ pub const SPOOL_DIRECTORY: &str = "pitr-prefetch";
 const WORKER_LOCK: &str = ".lock";
 /// The segment recovery asked for last, written by the hooks.
 const LATEST_REQUEST: &str = ".latest-request";
+/// The repository identity a hook or worker read from the store, for later ones to reuse.
+const IDENTITY_COPY: &str = ".identity";
+/// How often a hook looks whether the worker has finished the file it waits for.
+const WORKER_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 /// Fetches in flight from a remote store: enough to hide a round trip of tens of ms.
 const REMOTE_FETCHES: usize = 8;
 
@@ -46,6 +50,27 @@ pub struct Prefetcher {
     max_bytes: u64,
     fetching: Mutex<HashMap<String, Fetch>>,
     slots: Arc<Semaphore>,
+}
+
+/// Removes the spool a recovery without a daemon left behind (up to `PITR_PREFETCH` segments
+/// fetched past the recovery target), once no worker fills it. archive-push calls it: a server
+/// that archives has finished recovery, or is a standby with archive_mode=always, which only
+/// loses its prefetched copies and fetches those segments directly.
+pub fn clear_leftover_spool(settings: &Settings) {
+    let spool = settings.pgdata.join("pg_wal").join(SPOOL_DIRECTORY);
+    if spool.exists() && !worker_holds_lock(&spool) {
+        let _ = std::fs::remove_dir_all(&spool);
+    }
+}
+
+fn worker_holds_lock(spool: &Path) -> bool {
+    std::fs::File::open(spool.join(WORKER_LOCK)).is_ok_and(|lock| lock.try_lock_shared().is_err())
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct RememberedIdentity {
+    url: String,
+    identity: crate::repository::Identity,
 }
 
 #[derive(Debug, Serialize)]
@@ -178,10 +203,78 @@ impl Prefetcher {
             .ok()
     }
 
+    /// Lets `repository` use the identity an earlier hook of this recovery read from it, so a
+    /// miss or a starting worker does not spend a round trip on it. The copy names the
+    /// repository URL it came from and goes through the same checks as a read from the store;
+    /// any doubt about it (absent, torn, another URL, refused) means the store is asked.
+    pub fn adopt_remembered_identity(&self, repository: &Repository) {
+        let Ok(bytes) = std::fs::read(self.spool.join(IDENTITY_COPY)) else {
+            return;
+        };
+        let Ok(copy) = serde_json::from_slice::<RememberedIdentity>(&bytes) else {
+            return;
+        };
+        if copy.url == repository.url {
+            let _ = repository.adopt_identity(copy.identity);
+        }
+    }
+
+    /// Keeps the identity `repository` has read, for `adopt_remembered_identity`. Written to a
+    /// temporary name and renamed, so a reader sees all of it or nothing; not fsynced, because
+    /// losing it only costs the next hook a round trip.
+    pub fn remember_identity(&self, repository: &Repository) {
+        let Some(identity) = repository.known_identity() else {
+            return;
+        };
+        let copy = RememberedIdentity {
+            url: repository.url.clone(),
+            identity: identity.clone(),
+        };
+        let temporary = self
+            .spool
+            .join(format!("{IDENTITY_COPY}.{}", std::process::id()));
+        let written = std::fs::create_dir_all(&self.spool)
+            .and_then(|()| std::fs::write(&temporary, serde_json::to_vec(&copy)?))
+            .and_then(|()| std::fs::rename(&temporary, self.spool.join(IDENTITY_COPY)));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temporary);
+        }
+    }
+
+    /// When the background worker is fetching `name` right now, waits until it is spooled
+    /// (true) or the worker gave up on it (false). Without this, a hook that arrives while its
+    /// segment is in flight fetches it a second time, which on a remote store costs a full
+    /// round trip and the bandwidth of the segment. Bounded by `limit`.
+    pub async fn wait_for_worker(&self, name: &WalFileName, limit: std::time::Duration) -> bool {
+        let spooled = self.spool.join(name.to_string());
+        let in_flight_prefix = format!(".{name}.pitr-");
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            // The worker renames its finished file into place, so once its temporary file is
+            // gone the final one is there or never will be.
+            let in_flight =
+                self.worker_running() && self.has_entry_starting_with(&in_flight_prefix);
+            if !in_flight || spooled.exists() {
+                return spooled.exists();
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(WORKER_POLL).await;
+        }
+    }
+
+    fn has_entry_starting_with(&self, prefix: &str) -> bool {
+        std::fs::read_dir(&self.spool).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|entry| entry.file_name().to_string_lossy().starts_with(prefix))
+        })
+    }
+
     /// Whether a worker is running now (it holds the lock for its whole life).
     pub fn worker_running(&self) -> bool {
-        std::fs::File::open(self.spool.join(WORKER_LOCK))
-            .is_ok_and(|lock| lock.try_lock_shared().is_err())
+        worker_holds_lock(&self.spool)
     }
 
     /// Starts fetching the next segments of the same timeline, within the byte cap.

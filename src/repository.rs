@@ -218,6 +218,14 @@ impl Repository {
                 url: self.url.clone(),
                 detail: format!("its identity object is not valid: {error}"),
             })?;
+        self.adopt_identity(identity.clone())?;
+        Ok(Some(identity))
+    }
+
+    /// Takes an identity as this repository's after the checks a read from the store gets: a
+    /// format this pitr reads and the right keyring. Short-lived hooks use it for the copy a
+    /// previous hook read (see `prefetch`), which saves a round trip to a remote store.
+    pub fn adopt_identity(&self, identity: Identity) -> Result<(), RepositoryError> {
         if identity.format != "pitr" || identity.format_version != FORMAT_VERSION {
             return Err(RepositoryError::Corrupt {
                 url: self.url.clone(),
@@ -228,8 +236,13 @@ impl Repository {
             });
         }
         self.check_keyring(&identity)?;
-        let _ = self.identity.set(identity.clone());
-        Ok(Some(identity))
+        let _ = self.identity.set(identity);
+        Ok(())
+    }
+
+    /// The identity this process has read or adopted, if any; never asks the store.
+    pub fn known_identity(&self) -> Option<&Identity> {
+        self.identity.get()
     }
 
     /// The identity, refusing a repository that does not exist yet.

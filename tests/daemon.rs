@@ -413,4 +413,58 @@ fn archive_get_without_a_daemon_prefetches_into_a_spool() {
         !spool.join(&segments[2]).exists(),
         "a spooled segment is moved, not copied"
     );
+    let remembered = std::fs::read_to_string(spool.join(".identity")).unwrap();
+    assert!(
+        remembered.contains(&format!("file://{}", repository.display())),
+        "the miss left the repository identity for later hooks: {remembered}"
+    );
+
+    // A hook whose segment the worker is still writing waits for it instead of fetching it a
+    // second time. This test stands in for the worker: it takes the lock once the real one has
+    // exited and finishes the file late.
+    let lock = std::fs::File::create(spool.join(".lock")).unwrap();
+    let started = std::time::Instant::now();
+    while lock.try_lock().is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the prefetch worker never exited"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let late = segments[4].clone();
+    let _ = std::fs::remove_file(spool.join(&late));
+    let in_flight = spool.join(format!(".{late}.pitr-999999.tmp"));
+    std::fs::write(&in_flight, b"").unwrap();
+    let source = primary.data.join("pg_wal").join(&late);
+    let finisher = {
+        let (spool, late, in_flight) = (spool.clone(), late.clone(), in_flight.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(600));
+            std::fs::copy(&source, &in_flight).unwrap();
+            std::fs::rename(&in_flight, spool.join(&late)).unwrap();
+        })
+    };
+    let asked = std::time::Instant::now();
+    get(&late);
+    finisher.join().unwrap();
+    assert!(
+        asked.elapsed() >= Duration::from_millis(500),
+        "the hook did not wait for the segment in flight ({:?})",
+        asked.elapsed()
+    );
+    assert!(
+        !spool.join(&late).exists(),
+        "the hook served the worker's copy rather than fetching its own"
+    );
+    drop(lock);
+
+    // The first archive-push after recovery clears what the spool still holds.
+    assert!(spool.exists());
+    let pushed = primary.data.join("pg_wal").join(&segments[1]);
+    let output = workspace.pitr(&stage_config, &["archive-push", pushed.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert!(
+        !spool.exists(),
+        "archive-push left the recovery's spool behind"
+    );
 }

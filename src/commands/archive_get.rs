@@ -32,24 +32,28 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
         return Ok(outcome);
     }
     let repository = Arc::new(Repository::open(settings)?);
-    let segment = match name {
-        WalFileName::Segment(segment) if settings.prefetch_segments > 0 => segment,
-        _ => {
-            check_cluster(settings, &repository, wal_file).await?;
-            return fetch(&repository, &name, &destination).await;
-        }
-    };
+    if settings.prefetch_segments == 0 {
+        check_cluster(settings, &repository, wal_file).await?;
+        return fetch(&repository, &name, &destination).await;
+    }
     let prefetcher = Prefetcher::new(settings, Arc::clone(&repository), Arc::new(Metrics::new()));
     // A spooled copy was fetched and verified by a worker that a hook started here only after
     // this data directory passed the cluster check, so serving it needs no round trip to the
     // store (on a remote one, that round trip was most of a hit's time).
-    let outcome = if prefetcher.take_spooled(&name, &destination)? {
+    let served_from_spool = prefetcher.take_spooled(&name, &destination)?
+        || (prefetcher
+            .wait_for_worker(&name, settings.store_timeout)
+            .await
+            && prefetcher.take_spooled(&name, &destination)?);
+    let outcome = if served_from_spool {
         GetOutcome::Restored
     } else {
+        prefetcher.adopt_remembered_identity(&repository);
         check_cluster(settings, &repository, wal_file).await?;
+        prefetcher.remember_identity(&repository);
         fetch(&repository, &name, &destination).await?
     };
-    if outcome == GetOutcome::Restored {
+    if let (GetOutcome::Restored, WalFileName::Segment(segment)) = (outcome, name) {
         // A running worker picks the request up by itself; starting another would only exit.
         prefetcher.record_request(segment);
         if !prefetcher.worker_running() {
@@ -101,7 +105,8 @@ fn start_prefetch_worker(settings: &Settings, segment: SegmentName) {
 pub async fn prefetch_worker(settings: &Settings, segment: &str) -> Result<()> {
     let segment: SegmentName = segment.parse()?;
     let repository = Arc::new(Repository::open(settings)?);
-    let prefetcher = Prefetcher::new(settings, repository, Arc::new(Metrics::new()));
+    let prefetcher = Prefetcher::new(settings, Arc::clone(&repository), Arc::new(Metrics::new()));
+    prefetcher.adopt_remembered_identity(&repository);
     prefetcher.fetch_ahead(segment).await
 }
 

@@ -38,7 +38,9 @@ pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
         return Ok(outcome);
     }
     let repository = Repository::open(settings)?;
-    push(&repository, &file, &encode_options(settings), false, None).await
+    let outcome = push(&repository, &file, &encode_options(settings), false, None).await?;
+    crate::prefetch::clear_leftover_spool(settings);
+    Ok(outcome)
 }
 
 pub fn encode_options(settings: &Settings) -> EncodeOptions {

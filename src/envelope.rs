@@ -519,131 +519,9 @@ pub fn decode<R: Read + Send, W: Write + Send>(
     sink: W,
 ) -> Result<Header, EnvelopeError> {
     let (header, opener) = open_body(source, expected_name, keyring)?;
-    match WholeDecodeBuffers::for_object(&header) {
-        Some(mut buffers) => decode_whole(opener, sink, &header, &mut buffers)?,
-        None => deliver_verified(decompressor(&header, opener)?, sink, &header, expected_name)?,
-    }
+    deliver_verified(decompressor(&header, opener)?, sink, &header, expected_name)?;
     Ok(header)
 }
-
-/// Objects larger than `INLINE_DECODE_LIMIT` and up to this size (a WAL segment of the default
-/// 16 MiB) are decoded whole in memory when a set of buffers is free.
-const WHOLE_DECODE_LIMIT: u64 = 16 << 20;
-
-/// The buffers of one whole-object decode: the compressed body and the plaintext. At most one
-/// set per CPU exists, in use or kept for the next object, so memory stays bounded however
-/// many fetches run; a decode that finds none free streams instead.
-#[derive(Default)]
-struct WholeDecodeBuffers {
-    compressed: Vec<u8>,
-    plaintext: Vec<u8>,
-}
-
-static WHOLE_DECODE_POOL: std::sync::Mutex<Vec<WholeDecodeBuffers>> =
-    std::sync::Mutex::new(Vec::new());
-static WHOLE_DECODES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-impl WholeDecodeBuffers {
-    /// A free set for `header`'s object, if it is a compressed object of the size that gains
-    /// from whole decoding and fewer decodes than CPUs hold one now.
-    fn for_object(header: &Header) -> Option<PooledBuffers> {
-        use std::sync::atomic::Ordering;
-        let wanted = header.compression == Compression::Zstd
-            && header.content.length > INLINE_DECODE_LIMIT
-            && header.content.length <= WHOLE_DECODE_LIMIT;
-        if !wanted {
-            return None;
-        }
-        if WHOLE_DECODES.fetch_add(1, Ordering::AcqRel) >= crate::config::cpu_count() {
-            WHOLE_DECODES.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        let buffers = WHOLE_DECODE_POOL
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop()
-            .unwrap_or_default();
-        Some(PooledBuffers(Some(buffers)))
-    }
-}
-
-/// A set of whole-decode buffers on loan; dropping it returns the set to the pool.
-struct PooledBuffers(Option<WholeDecodeBuffers>);
-
-impl std::ops::Deref for PooledBuffers {
-    type Target = WholeDecodeBuffers;
-    fn deref(&self) -> &WholeDecodeBuffers {
-        self.0.as_ref().expect("held until dropped")
-    }
-}
-
-impl std::ops::DerefMut for PooledBuffers {
-    fn deref_mut(&mut self) -> &mut WholeDecodeBuffers {
-        self.0.as_mut().expect("held until dropped")
-    }
-}
-
-impl Drop for PooledBuffers {
-    fn drop(&mut self) {
-        if let Some(mut buffers) = self.0.take() {
-            buffers.compressed.clear();
-            buffers.plaintext.clear();
-            WHOLE_DECODE_POOL
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .push(buffers);
-        }
-        WHOLE_DECODES.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// Decodes a whole object in memory: every chunk is opened in place, the compressed body is
-/// decompressed in one call straight into the plaintext buffer, and the plaintext is hashed
-/// while it is written. Streaming the same object copies it twice more (zstd's window, then
-/// the caller's buffer) and hands buffers between threads; on a busy machine that was a
-/// fifth of a restore's CPU. Verification is as strict: nothing past the promised length is
-/// produced, and the checksum is compared before the caller may use what was written.
-fn decode_whole<R: Read, W: Write + Send>(
-    opener: ChunkOpener<R>,
-    mut sink: W,
-    header: &Header,
-    buffers: &mut WholeDecodeBuffers,
-) -> Result<(), EnvelopeError> {
-    let object = opener.object.clone();
-    let WholeDecodeBuffers {
-        compressed,
-        plaintext,
-    } = buffers;
-    opener.open_all_into(
-        compressed,
-        zstd::zstd_safe::compress_bound(header.content.length as usize),
-    )?;
-    let length = header.content.length as usize;
-    plaintext.reserve_exact(length);
-    zstd::bulk::Decompressor::new()
-        .and_then(|mut decompressor| decompressor.decompress_to_buffer(&compressed[..], plaintext))
-        .map_err(|_| EnvelopeError::CorruptCompressedData(object.clone()))?;
-    match plaintext.len().cmp(&length) {
-        std::cmp::Ordering::Less => return Err(EnvelopeError::Truncated(object)),
-        std::cmp::Ordering::Greater => return Err(EnvelopeError::ChecksumMismatch(object)),
-        std::cmp::Ordering::Equal => {}
-    }
-    let checksum = std::thread::scope(|scope| {
-        let hashing = scope.spawn(|| Checksum(*blake3::hash(plaintext).as_bytes()));
-        // In pieces, so that a sink which starts writeback as it grows can do so early.
-        for piece in plaintext.chunks(WHOLE_WRITE_PIECE) {
-            sink.write_all(piece).map_err(EnvelopeError::Sink)?;
-        }
-        sink.flush().map_err(EnvelopeError::Sink)?;
-        Ok::<_, EnvelopeError>(hashing.join().expect("hashing does not panic"))
-    })?;
-    if checksum != header.content.checksum {
-        return Err(EnvelopeError::ChecksumMismatch(object));
-    }
-    Ok(())
-}
-
-const WHOLE_WRITE_PIECE: usize = 4 << 20;
 
 /// Proves an object intact and returns its header. For an encrypted object this needs no
 /// decompression: every chunk's tag covers the whole header (plaintext length and checksum
@@ -871,66 +749,6 @@ impl<R: Read> ChunkOpener<R> {
         }
         self.position += 1;
         self.plaintext = current;
-        Ok(())
-    }
-
-    /// Reads the whole body into `body` and opens it there, chunk by chunk in place, leaving
-    /// the compressed stream alone in `body`. A body longer than `bound` (the largest the
-    /// promised plaintext can compress to, plus the tags) is refused before it is opened.
-    fn open_all_into(mut self, body: &mut Vec<u8>, bound: usize) -> Result<(), EnvelopeError> {
-        let Some(stream) = self.stream.take() else {
-            (&mut self.source)
-                .take(bound as u64 + 1)
-                .read_to_end(body)
-                .map_err(EnvelopeError::Source)?;
-            if body.len() > bound {
-                return Err(EnvelopeError::ChecksumMismatch(self.object.clone()));
-            }
-            return Ok(());
-        };
-        let sealed = self.sealed_chunk_length;
-        let chunk_size = sealed - TAG_LEN;
-        let bound = bound + (bound / chunk_size + 1) * TAG_LEN;
-        (&mut self.source)
-            .take(bound as u64 + 1)
-            .read_to_end(body)
-            .map_err(EnvelopeError::Source)?;
-        if body.len() > bound {
-            return Err(EnvelopeError::ChecksumMismatch(self.object.clone()));
-        }
-        let chunk_count = body.len().div_ceil(sealed).max(1);
-        let mut opened = 0;
-        for position in 0..chunk_count {
-            let start = position * sealed;
-            let end = (start + sealed).min(body.len());
-            let last = position + 1 == chunk_count;
-            if end - start < TAG_LEN {
-                return Err(EnvelopeError::Truncated(self.object.clone()));
-            }
-            let spare = last.then(|| body[start..end].to_vec());
-            let mut chunk = DetachedTag {
-                data: &mut body[start..end],
-                tag: [0; TAG_LEN],
-            };
-            if stream
-                .decrypt_in_place(position as u32, last, &self.associated_data, &mut chunk)
-                .is_err()
-            {
-                self.stream = Some(stream);
-                self.position = position as u32;
-                return Err(match spare {
-                    Some(spare) => self.diagnose_last_chunk_failure(spare),
-                    None => EnvelopeError::AuthenticationFailed {
-                        object: self.object.clone(),
-                        chunk: Some(position as u32),
-                    },
-                });
-            }
-            let length = end - start - TAG_LEN;
-            body.copy_within(start..start + length, opened);
-            opened += length;
-        }
-        body.truncate(opened);
         Ok(())
     }
 
@@ -1238,19 +1056,6 @@ mod tests {
         Ok(out)
     }
 
-    /// `decode` by the whole-object path, whatever the object's size.
-    fn open_whole(object: &[u8], keyring: Option<&Keyring>) -> Result<Vec<u8>, EnvelopeError> {
-        let (header, opener) = open_body(object, "wal/x", keyring)?;
-        let mut out = Vec::new();
-        decode_whole(
-            opener,
-            &mut out,
-            &header,
-            &mut WholeDecodeBuffers::default(),
-        )?;
-        Ok(out)
-    }
-
     /// `encode_file`'s in-place sealing, joined from its parts.
     fn seal_file(
         data: &[u8],
@@ -1313,19 +1118,6 @@ mod tests {
         }
 
         #[test]
-        fn whole_decoding_round_trips_and_rejects_any_bit_flip_or_cut(data in proptest::collection::vec(any::<u8>(), 0..5_000), chunk in 1u32..600, encrypted: bool, bit in any::<proptest::sample::Index>(), cut in any::<proptest::sample::Index>()) {
-            let (_directory, keyring) = keyring();
-            let keyring = encrypted.then_some(&keyring);
-            let mut object = seal(&data, keyring, chunk);
-            prop_assert_eq!(open_whole(&object, keyring).unwrap(), data.clone());
-            let cut = cut.index(object.len());
-            prop_assert!(open_whole(&object[..cut], keyring).is_err());
-            let bit = bit.index(object.len() * 8);
-            object[bit / 8] ^= 1 << (bit % 8);
-            prop_assert!(open_whole(&object, keyring).is_err());
-        }
-
-        #[test]
         fn any_truncation_is_rejected(data in proptest::collection::vec(any::<u8>(), 0..5_000), chunk in 1u32..600, cut in any::<proptest::sample::Index>()) {
             let (_directory, keyring) = keyring();
             let object = seal(&data, Some(&keyring), chunk);
@@ -1358,62 +1150,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("is truncated"), "{error}");
-    }
-
-    #[test]
-    fn whole_decoding_reports_a_cut_at_a_chunk_boundary_as_truncation() {
-        let (_directory, keyring) = keyring();
-        let data: Vec<u8> = (0..100_000u32)
-            .flat_map(|value| value.to_le_bytes())
-            .collect();
-        let object = seal(&data, Some(&keyring), 64);
-        let cut = FIXED_HEADER_LEN + "wal/x".len() + 4 + 3 * 80;
-        let error = open_whole(&object[..cut], Some(&keyring))
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("is truncated"), "{error}");
-    }
-
-    /// A segment-sized object takes the whole-object path through `decode` itself, and a
-    /// damaged one is refused there as on the streaming path.
-    #[test]
-    fn segment_sized_objects_decode_whole_and_damage_is_refused() {
-        let (_directory, keyring) = keyring();
-        let data: Vec<u8> = (0..(6u32 << 20) / 4)
-            .flat_map(|value| (value % 1000).to_le_bytes())
-            .collect();
-        let object = seal(&data, Some(&keyring), DEFAULT_CHUNK_SIZE);
-        let (header, _) = open_body(&object[..], "wal/x", Some(&keyring)).unwrap();
-        assert!(WholeDecodeBuffers::for_object(&header).is_some());
-        assert_eq!(open(&object, Some(&keyring)).unwrap(), data);
-        let mut damaged = object.clone();
-        let middle = damaged.len() / 2;
-        damaged[middle] ^= 1;
-        let chunk_boundary = damaged.len() - (damaged.len() - middle) % (1 << 20);
-        for damaged in [
-            &damaged[..],
-            &object[..object.len() - 1],
-            &object[..chunk_boundary],
-        ] {
-            let whole = open(damaged, Some(&keyring)).unwrap_err().to_string();
-            let streaming = open_streaming(damaged, Some(&keyring))
-                .unwrap_err()
-                .to_string();
-            assert_eq!(whole, streaming);
-        }
-        let error = open(&damaged, Some(&keyring)).unwrap_err().to_string();
-        assert!(
-            error.starts_with("object wal/x failed authentication at chunk "),
-            "{error}"
-        );
-    }
-
-    /// `decode` by the streaming path, whatever the object's size.
-    fn open_streaming(object: &[u8], keyring: Option<&Keyring>) -> Result<Vec<u8>, EnvelopeError> {
-        let (header, opener) = open_body(object, "wal/x", keyring)?;
-        let mut out = Vec::new();
-        deliver_verified(decompressor(&header, opener)?, &mut out, &header, "wal/x")?;
-        Ok(out)
     }
 
     #[test]

@@ -49,7 +49,9 @@
 # Knobs (environment):
 #   BL=/tmp/bl  CORPUS=$BL/corpus  PGBIN=/usr/lib/postgresql/15/bin
 #   PITR_BIN=                 pitr binary (copied into WORK); without it `cargo build --release`
-#   RUNS=7  PITR_RUNS=5       repetitions of part A (backup/restore) and of part B (PITR)
+#   RUNS=7  PITR_RUNS=5       repetitions of part A (backup/restore) and of part B (PITR);
+#                             RUNS=0 leaves part A out (its rows print as nan)
+#   PITR_CASES="pgbr-sync pgbr-async pgbr-floor pitr pitr-floor"   the part B cases to run
 #   CONC=2                    pitr --concurrency = pgBackRest process-max
 #   TARGET_FRAC=0.85          PITR target within the timed pgbench run
 #   LIVE_PORT=54341 STBY_PORT=54342 PITR_PORT=54343   ports (unix socket in /tmp only)
@@ -73,6 +75,7 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 RUNS=${RUNS:-7}
 REPO_KIND=${REPO_KIND:-local}   # local, or s3: the S3 stack of bench/lib.sh (20 ms round trips)
 PITR_RUNS=${PITR_RUNS:-5}
+PITR_CASES=${PITR_CASES:-pgbr-sync pgbr-async pgbr-floor pitr pitr-floor}
 CONC=${CONC:-2}
 TARGET_FRAC=${TARGET_FRAC:-0.85}
 LIVE_PORT=${LIVE_PORT:-54341}
@@ -485,7 +488,7 @@ pitr_attempt() {   # label kind run; returns 1 (recording nothing) if it was dis
 log "part B: PITR to $TARGET, $PITR_RUNS runs of 5 cases"
 cat "$CORPUS"/* >/dev/null      # the corpus (floors) and the repositories are read from a warm cache
 cat "$(repo_dir pitr-pitr)"/wal/*/* "$(repo_dir pgbr-pitr)"/archive/bench/*/*/* >/dev/null 2>&1 || true
-CASES=(pgbr-sync pgbr-async pgbr-floor pitr pitr-floor)
+read -ra CASES <<<"$PITR_CASES"
 for r in $(seq 1 "$PITR_RUNS"); do     # the order rotates by one case every run
   for i in $(seq 0 $((${#CASES[@]} - 1))); do
     k=${CASES[$(( (i + r - 1) % ${#CASES[@]} ))]}
@@ -505,7 +508,7 @@ DIFF=$(( GOT - EXPECT )); [ "$DIFF" -lt 0 ] && DIFF=$(( -DIFF ))
 
 # ================================================================ summary
 med() {   # label -> median wall
-  awk -F'\t' -v l="$1" '$1==l{print $3}' "$RES" | sort -g | awk '{v[NR]=$1} END{if(!NR){print "NA"; exit} print (NR%2)?v[(NR+1)/2]:(v[NR/2]+v[NR/2+1])/2}'
+  awk -F'\t' -v l="$1" '$1==l{print $3}' "$RES" | sort -g | awk '{v[NR]=$1} END{if(!NR){print "nan"; exit} print (NR%2)?v[(NR+1)/2]:(v[NR/2]+v[NR/2+1])/2}'
 }
 mn() { awk -F'\t' -v l="$1" '$1==l{print $3}' "$RES" | sort -g | head -1; }
 mx() { awk -F'\t' -v l="$1" '$1==l{print $3}' "$RES" | sort -g | tail -1; }

@@ -52,12 +52,53 @@ pub struct Prefetcher {
     slots: Arc<Semaphore>,
 }
 
+/// Lets `repository` use the identity an earlier hook of this recovery read from it, so a
+/// miss or a starting worker does not spend a round trip on it. The copy names the repository
+/// URL it came from and goes through the same checks as a read from the store; any doubt
+/// about it (absent, torn, another URL, refused) means the store is asked.
+pub fn adopt_remembered_identity(settings: &Settings, repository: &Repository) {
+    let Ok(bytes) = std::fs::read(spool_of(settings).join(IDENTITY_COPY)) else {
+        return;
+    };
+    let Ok(copy) = serde_json::from_slice::<RememberedIdentity>(&bytes) else {
+        return;
+    };
+    if copy.url == repository.url {
+        let _ = repository.adopt_identity(copy.identity);
+    }
+}
+
+/// Keeps the identity `repository` has read, for `adopt_remembered_identity`. Written to a
+/// temporary name and renamed, so a reader sees all of it or nothing; not fsynced, because
+/// losing it only costs the next hook a round trip.
+pub fn remember_identity(settings: &Settings, repository: &Repository) {
+    let Some(identity) = repository.known_identity() else {
+        return;
+    };
+    let copy = RememberedIdentity {
+        url: repository.url.clone(),
+        identity: identity.clone(),
+    };
+    let spool = spool_of(settings);
+    let temporary = spool.join(format!("{IDENTITY_COPY}.{}", std::process::id()));
+    let written = std::fs::create_dir_all(&spool)
+        .and_then(|()| std::fs::write(&temporary, serde_json::to_vec(&copy)?))
+        .and_then(|()| std::fs::rename(&temporary, spool.join(IDENTITY_COPY)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+}
+
+fn spool_of(settings: &Settings) -> PathBuf {
+    settings.pgdata.join("pg_wal").join(SPOOL_DIRECTORY)
+}
+
 /// Removes the spool a recovery without a daemon left behind (up to `PITR_PREFETCH` segments
 /// fetched past the recovery target), once no worker fills it. archive-push calls it: a server
 /// that archives has finished recovery, or is a standby with archive_mode=always, which only
 /// loses its prefetched copies and fetches those segments directly.
 pub fn clear_leftover_spool(settings: &Settings) {
-    let spool = settings.pgdata.join("pg_wal").join(SPOOL_DIRECTORY);
+    let spool = spool_of(settings);
     if spool.exists() && !worker_holds_lock(&spool) {
         let _ = std::fs::remove_dir_all(&spool);
     }
@@ -104,7 +145,7 @@ impl Prefetcher {
         Arc::new(Prefetcher {
             repository,
             metrics,
-            spool: settings.pgdata.join("pg_wal").join(SPOOL_DIRECTORY),
+            spool: spool_of(settings),
             depth: settings.prefetch_segments,
             max_bytes: settings.prefetch_max_bytes,
             fetching: Mutex::new(HashMap::new()),
@@ -201,44 +242,6 @@ impl Prefetcher {
             .trim()
             .parse()
             .ok()
-    }
-
-    /// Lets `repository` use the identity an earlier hook of this recovery read from it, so a
-    /// miss or a starting worker does not spend a round trip on it. The copy names the
-    /// repository URL it came from and goes through the same checks as a read from the store;
-    /// any doubt about it (absent, torn, another URL, refused) means the store is asked.
-    pub fn adopt_remembered_identity(&self, repository: &Repository) {
-        let Ok(bytes) = std::fs::read(self.spool.join(IDENTITY_COPY)) else {
-            return;
-        };
-        let Ok(copy) = serde_json::from_slice::<RememberedIdentity>(&bytes) else {
-            return;
-        };
-        if copy.url == repository.url {
-            let _ = repository.adopt_identity(copy.identity);
-        }
-    }
-
-    /// Keeps the identity `repository` has read, for `adopt_remembered_identity`. Written to a
-    /// temporary name and renamed, so a reader sees all of it or nothing; not fsynced, because
-    /// losing it only costs the next hook a round trip.
-    pub fn remember_identity(&self, repository: &Repository) {
-        let Some(identity) = repository.known_identity() else {
-            return;
-        };
-        let copy = RememberedIdentity {
-            url: repository.url.clone(),
-            identity: identity.clone(),
-        };
-        let temporary = self
-            .spool
-            .join(format!("{IDENTITY_COPY}.{}", std::process::id()));
-        let written = std::fs::create_dir_all(&self.spool)
-            .and_then(|()| std::fs::write(&temporary, serde_json::to_vec(&copy)?))
-            .and_then(|()| std::fs::rename(&temporary, self.spool.join(IDENTITY_COPY)));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&temporary);
-        }
     }
 
     /// When the background worker is fetching `name` right now, waits until it is spooled

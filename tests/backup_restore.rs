@@ -734,6 +734,24 @@ fn backup_and_restore_on_an_s3_repository() {
     let output = workspace.pitr(&config, &["restore", "--pgdata", data.to_str().unwrap()]);
     assert!(output.status.success(), "restore: {}", stderr_of(&output));
     primary.stop();
+    // The restore set the prefetch worker on the backup's first segment while the base
+    // downloaded, so recovery's first request is served from the spool.
+    let label = std::fs::read_to_string(data.join("backup_label")).unwrap();
+    let first_segment = label
+        .split("(file ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap()
+        .to_string();
+    let spooled = data.join("pg_wal/pitr-prefetch").join(&first_segment);
+    let waited = std::time::Instant::now();
+    while !spooled.exists() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "{first_segment} was never prefetched into the restored directory's spool"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut restored = Cluster::existing(&workspace, "restored");
     restored.append_settings("archive_mode = off");
     restored.start();

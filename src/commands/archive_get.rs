@@ -48,9 +48,9 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
     let outcome = if served_from_spool {
         GetOutcome::Restored
     } else {
-        prefetcher.adopt_remembered_identity(&repository);
+        crate::prefetch::adopt_remembered_identity(settings, &repository);
         check_cluster(settings, &repository, wal_file).await?;
-        prefetcher.remember_identity(&repository);
+        crate::prefetch::remember_identity(settings, &repository);
         fetch(&repository, &name, &destination).await?
     };
     if let (GetOutcome::Restored, WalFileName::Segment(segment)) = (outcome, name) {
@@ -65,7 +65,7 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
 
 /// Starts `pitr prefetch-worker` in the background to fill the spool with the segments after
 /// `segment`, and returns at once. The worker reads the same settings, passed by environment.
-fn start_prefetch_worker(settings: &Settings, segment: SegmentName) {
+pub fn start_prefetch_worker(settings: &Settings, segment: SegmentName) {
     use std::os::unix::process::CommandExt;
     let Ok(executable) = std::env::current_exe() else {
         return;
@@ -106,7 +106,7 @@ pub async fn prefetch_worker(settings: &Settings, segment: &str) -> Result<()> {
     let segment: SegmentName = segment.parse()?;
     let repository = Arc::new(Repository::open(settings)?);
     let prefetcher = Prefetcher::new(settings, Arc::clone(&repository), Arc::new(Metrics::new()));
-    prefetcher.adopt_remembered_identity(&repository);
+    crate::prefetch::adopt_remembered_identity(settings, &repository);
     prefetcher.fetch_ahead(segment).await
 }
 

@@ -157,7 +157,14 @@ pub async fn run(settings: &Settings, options: &RestoreOptions) -> Result<()> {
         backup.files.len()
     );
 
+    if !options.delta {
+        prefetch_from_backup_start(settings, &repository, backup, size);
+    }
     download(&repository, backup, &pgdata, &links, options).await?;
+    if options.delta {
+        // Not before: a delta restore removes what the backup does not list, the spool too.
+        prefetch_from_backup_start(settings, &repository, backup, size);
+    }
     write_recovery_settings(&pgdata, settings, options, backup, target_timeline)?;
     sync_filesystem(&pgdata)?;
     println!(
@@ -441,6 +448,30 @@ fn target_beyond_archive(
 }
 
 /// Downloads every file of the backup; pg_control last, so an interrupted restore cannot start.
+/// Starts the background prefetch worker on the first segments recovery will ask for, from
+/// the backup's start, with the identity this restore read. They are fetched while the base
+/// downloads, so recovery's first requests find them spooled; on a remote store each would
+/// otherwise wait a round trip or more.
+fn prefetch_from_backup_start(
+    settings: &Settings,
+    repository: &Repository,
+    backup: &Manifest,
+    size: WalSegmentSize,
+) {
+    let first = backup.start_lsn.0 / u64::from(size.0);
+    let Some(before_first) = first.checked_sub(1) else {
+        return;
+    };
+    if settings.prefetch_segments == 0 {
+        return;
+    }
+    crate::prefetch::remember_identity(settings, repository);
+    crate::commands::archive_get::start_prefetch_worker(
+        settings,
+        SegmentName::from_segment_number(backup.timeline, before_first, size),
+    );
+}
+
 async fn download(
     repository: &Repository,
     backup: &Manifest,

@@ -238,10 +238,7 @@ fn restore_options(
     } else if let Some(lsn) = target_lsn {
         RecoveryTarget::Lsn(lsn.parse()?)
     } else if let Some(xid) = target_xid {
-        anyhow::ensure!(
-            xid.parse::<u64>().is_ok(),
-            "--target-xid '{xid}' is not a transaction id: give a number such as 7421"
-        );
+        pitr::restore::target::xid_of(xid)?;
         RecoveryTarget::Xid(xid.clone())
     } else if let Some(name) = target_name {
         RecoveryTarget::Name(name.clone())

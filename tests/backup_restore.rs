@@ -48,6 +48,9 @@ impl Ledger {
         };
         ledger.write(1..=20);
         ledger.rows_at_backup = 20;
+        // The first rows end in a segment before the backup's: a target among them cannot be
+        // reached from this backup, which the --target-xid check can tell by segment.
+        ledger.primary.sql("select pg_switch_wal()");
         ledger.backup();
         ledger.write(21..=30);
         ledger
@@ -253,6 +256,26 @@ fn restore_refuses_bad_input_before_downloading() {
         message.ends_with("; Postgres would replay to the end and stop with FATAL. Check the name (pg_create_restore_point), or restore to a time or LSN instead"),
         "{message}"
     );
+
+    // So would a transaction id that never ends in the archive, or ended before the backup.
+    let unused_xid = (last_xid.parse::<u64>().unwrap() + 1000).to_string();
+    let (_, early_xid, _, _) = &ledger.commits[0];
+    for (name, xid) in [
+        ("no_such_xid", &unused_xid),
+        ("xid_before_backup", early_xid),
+    ] {
+        let message = restore(name, &["--target-xid", xid]);
+        assert!(
+            message.starts_with(&format!(
+                "pitr restore: error: transaction {xid} does not end in the archive after the start of backup "
+            )),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("; Postgres would replay to the end and stop with FATAL. Check the id (a top-level transaction's, as txid_current() shows it), restore from an earlier backup with --backup, or restore to a time or LSN instead"),
+            "{message}"
+        );
+    }
 
     let occupied = workspace.path("occupied");
     std::fs::create_dir(&occupied).unwrap();

@@ -28,7 +28,7 @@ use crate::config::Settings;
 use crate::repository::{Repository, WAL_PREFIX};
 use crate::wal::records::{PgTimestamp, TransactionEnd};
 use crate::wal::{Lsn, PgVersion, SegmentName, TimelineId, WalFileName, WalSegmentSize};
-use reach::{ArchiveIndex, TimeReach};
+use reach::{ArchiveIndex, TimeReach, XidReach};
 use target::RecoveryTarget;
 use timeline::{ArchivedSegments, TimelinePath, check_coverage};
 
@@ -416,7 +416,30 @@ async fn last_segment_needed(
                 ),
             }
         }
-        RecoveryTarget::EndOfArchive | RecoveryTarget::Xid(_) => None,
+        RecoveryTarget::Xid(xid) => {
+            // The search starts at the segment holding the backup's start, so a transaction
+            // that ended earlier in that segment is taken as reachable: recovery then fails
+            // only as it would without this check.
+            let start_segment = segment_of(backup.start_lsn);
+            let segments = archive.segments_on_path(path, start_segment, size);
+            let after_last = segments
+                .last()
+                .map_or(start_segment, |last| last.segment_number(size) + 1);
+            match index
+                .segment_ending_xid(&segments, target::xid_of(xid)?)
+                .await?
+            {
+                XidReach::StopsIn(segment) => Some(segment.segment_number(size).max(stop_segment)),
+                XidReach::Unknown => None,
+                // WAL beyond a gap: the coverage check names the missing segment.
+                XidReach::NotFound if archive.has_segment_after(after_last) => Some(after_last),
+                XidReach::NotFound => bail!(
+                    "transaction {xid} does not end in the archive after the start of backup {}; Postgres would replay to the end and stop with FATAL. Check the id (a top-level transaction's, as txid_current() shows it), restore from an earlier backup with --backup, or restore to a time or LSN instead",
+                    backup.id
+                ),
+            }
+        }
+        RecoveryTarget::EndOfArchive => None,
     })
 }
 

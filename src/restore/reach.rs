@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::EncodeOptions;
@@ -25,7 +26,8 @@ use crate::wal::records::{
 use crate::wal::{PgVersion, SegmentName, WalFileName, WalSegmentSize};
 
 pub const INDEX_PREFIX: &str = "index";
-const INDEX_FORMAT_VERSION: u32 = 1;
+/// 2 added the ended transaction ids; an entry of version 1 is recomputed (and not replaced).
+const INDEX_FORMAT_VERSION: u32 = 2;
 
 /// The stored form of a summary (see docs/FORMAT.md, "Segment index").
 #[derive(Debug, Serialize, Deserialize)]
@@ -45,6 +47,19 @@ pub enum TimeReach {
         last: Option<(TransactionEnd, PgTimestamp)>,
     },
 }
+
+/// Whether recovery to a transaction id can stop within the archive.
+pub enum XidReach {
+    /// A commit or abort record of the transaction starts in this segment.
+    StopsIn(SegmentName),
+    /// Not decided: a prepared transaction ended before any match, and its id is not indexed.
+    Unknown,
+    /// No segment holds an end of the transaction.
+    NotFound,
+}
+
+/// Summaries read at once when a search must look at every segment in turn.
+const SUMMARIES_IN_FLIGHT: usize = 16;
 
 /// Reads summaries of archived segments, computing and storing the missing ones.
 pub struct ArchiveIndex<'a> {
@@ -252,6 +267,30 @@ impl<'a> ArchiveIndex<'a> {
             }
         }
         Ok(None)
+    }
+
+    /// The first segment of `segments` (in recovery order) where transaction `xid` ends, which
+    /// is where recovery to that id stops. Ids follow no order along the WAL that could be
+    /// searched, so this reads summaries in order, several at a time, up to the first match.
+    pub async fn segment_ending_xid(&self, segments: &[SegmentName], xid: u32) -> Result<XidReach> {
+        let mut summaries = futures::stream::iter(segments.iter().enumerate())
+            .map(|(index, segment)| async move {
+                let next = segments.get(index + 1).copied();
+                (*segment, self.summary(*segment, next).await)
+            })
+            .buffered(SUMMARIES_IN_FLIGHT);
+        while let Some((segment, summary)) = summaries.next().await {
+            let Some(summary) = summary? else {
+                continue;
+            };
+            if summary.ends_xid(xid) {
+                return Ok(XidReach::StopsIn(segment));
+            }
+            if summary.prepared_ends > 0 {
+                return Ok(XidReach::Unknown);
+            }
+        }
+        Ok(XidReach::NotFound)
     }
 
     /// The last transaction end in `segments` (in recovery order), searching backwards from the

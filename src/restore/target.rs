@@ -35,6 +35,17 @@ impl fmt::Display for RecoveryTarget {
     }
 }
 
+/// The 32-bit transaction id Postgres compares records with: like `recovery_target_xid`
+/// itself, a 64-bit id (with its epoch, as `txid_current()` gives it) counts by its low bits.
+pub fn xid_of(text: &str) -> Result<u32> {
+    match text.trim().parse::<u64>() {
+        Ok(full) => Ok(full as u32),
+        Err(_) => {
+            bail!("--target-xid '{text}' is not a transaction id: give a number such as 7421")
+        }
+    }
+}
+
 /// Parses a timestamp in ISO 8601 or Postgres timestamptz syntax. A zone is required: a
 /// timestamp without one would silently mean the server's zone, and land somewhere else.
 pub fn parse_time(text: &str) -> Result<DateTime<FixedOffset>> {

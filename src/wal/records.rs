@@ -111,6 +111,22 @@ pub struct SegmentSummary {
     pub restore_points: Vec<RestorePoint>,
     pub records: u64,
     pub end: ScanEnd,
+    /// The transaction ids whose commit or abort record starts in the segment, as sorted,
+    /// disjoint runs: what `recovery_target_xid` can stop at. Ends of prepared transactions
+    /// are not among them; `prepared_ends` counts those.
+    #[serde(default)]
+    pub ended_xids: Vec<XidRange>,
+    /// COMMIT PREPARED and ROLLBACK PREPARED records, whose prepared transaction's id sits in
+    /// the record body, which this scanner does not decode.
+    #[serde(default)]
+    pub prepared_ends: u64,
+}
+
+/// A run of transaction ids, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XidRange {
+    pub first: u32,
+    pub last: u32,
 }
 
 impl SegmentSummary {
@@ -123,14 +139,55 @@ impl SegmentSummary {
             restore_points: Vec::new(),
             records: 0,
             end: ScanEnd::SegmentEnd,
+            ended_xids: Vec::new(),
+            prepared_ends: 0,
         }
     }
 
-    fn add_transaction_end(&mut self, end: TransactionEnd) {
+    fn add_transaction_end(&mut self, end: TransactionEnd, prepared: bool) {
         self.transaction_ends += 1;
         self.first_transaction_end.get_or_insert(end);
         self.last_transaction_end = Some(end);
         self.latest_time = Some(self.latest_time.map_or(end.time, |time| time.max(end.time)));
+        if prepared {
+            self.prepared_ends += 1;
+        } else {
+            self.add_ended_xid(end.xid);
+        }
+    }
+
+    /// Transactions mostly end in the order they began, so consecutive ids extend one run.
+    fn add_ended_xid(&mut self, xid: u32) {
+        match self.ended_xids.last_mut() {
+            Some(run) if run.last.checked_add(1) == Some(xid) => run.last = xid,
+            _ => self.ended_xids.push(XidRange {
+                first: xid,
+                last: xid,
+            }),
+        }
+    }
+
+    /// Sorts the runs and merges those that touch or overlap.
+    fn normalize_ended_xids(&mut self) {
+        self.ended_xids.sort_by_key(|run| run.first);
+        let mut merged: Vec<XidRange> = Vec::with_capacity(self.ended_xids.len());
+        for run in self.ended_xids.drain(..) {
+            match merged.last_mut() {
+                Some(previous) if run.first <= previous.last.saturating_add(1) => {
+                    previous.last = previous.last.max(run.last);
+                }
+                _ => merged.push(run),
+            }
+        }
+        self.ended_xids = merged;
+    }
+
+    /// Whether a commit or abort record of transaction `xid` starts in the segment.
+    pub fn ends_xid(&self, xid: u32) -> bool {
+        let index = self.ended_xids.partition_point(|run| run.last < xid);
+        self.ended_xids
+            .get(index)
+            .is_some_and(|run| run.first <= xid)
     }
 }
 
@@ -214,6 +271,7 @@ impl RecordScanner {
                 ScanEnd::SegmentEnd
             };
         }
+        self.summary.normalize_ended_xids();
         self.summary
     }
 
@@ -386,18 +444,26 @@ impl RecordScanner {
         };
         match resource_manager {
             RM_XACT_ID => {
-                let committed = match info & XLOG_XACT_OPMASK {
+                let operation = info & XLOG_XACT_OPMASK;
+                let committed = match operation {
                     XLOG_XACT_COMMIT | XLOG_XACT_COMMIT_PREPARED => true,
                     XLOG_XACT_ABORT | XLOG_XACT_ABORT_PREPARED => false,
                     _ => return,
                 };
+                let prepared = matches!(
+                    operation,
+                    XLOG_XACT_COMMIT_PREPARED | XLOG_XACT_ABORT_PREPARED
+                );
                 if let Some(time) = time_at_start() {
-                    self.summary.add_transaction_end(TransactionEnd {
-                        lsn,
-                        xid,
-                        time,
-                        committed,
-                    });
+                    self.summary.add_transaction_end(
+                        TransactionEnd {
+                            lsn,
+                            xid,
+                            time,
+                            committed,
+                        },
+                        prepared,
+                    );
                 }
             }
             RM_XLOG_ID if info & 0xF0 == XLOG_RESTORE_POINT => {
@@ -527,5 +593,37 @@ impl RecordScanner {
             ));
         }
         Ok(block_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary_of_ended(xids: &[u32]) -> SegmentSummary {
+        let mut summary = SegmentSummary::empty();
+        for xid in xids {
+            summary.add_ended_xid(*xid);
+        }
+        summary.normalize_ended_xids();
+        summary
+    }
+
+    #[test]
+    fn ended_xids_merge_into_sorted_runs_and_answer_membership() {
+        let summary = summary_of_ended(&[5, 6, 7, 3, 10, 4, 9, u32::MAX, 0, 1]);
+        let runs: Vec<(u32, u32)> = summary
+            .ended_xids
+            .iter()
+            .map(|run| (run.first, run.last))
+            .collect();
+        assert_eq!(runs, [(0, 1), (3, 7), (9, 10), (u32::MAX, u32::MAX)]);
+        for xid in [0, 1, 3, 5, 7, 9, 10, u32::MAX] {
+            assert!(summary.ends_xid(xid), "{xid} ended here");
+        }
+        for xid in [2, 8, 11, u32::MAX - 1] {
+            assert!(!summary.ends_xid(xid), "{xid} did not end here");
+        }
+        assert!(!SegmentSummary::empty().ends_xid(7));
     }
 }

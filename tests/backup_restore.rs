@@ -199,6 +199,11 @@ fn restores_land_exactly_on_every_kind_of_target() {
         ledger.restore("name_older_backup", &["--target-name", "before_31"]),
         ledger.ids_through(ledger.restore_point_after as u32)
     );
+    // Likewise a transaction that ended before the newest backup.
+    assert_eq!(
+        ledger.restore("xid_older_backup", &["--target-xid", &commit(27).1]),
+        ledger.ids_through(27)
+    );
 }
 
 #[test]

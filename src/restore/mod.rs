@@ -123,6 +123,10 @@ pub async fn run(settings: &Settings, options: &RestoreOptions) -> Result<()> {
         (RecoveryTarget::Name(name), None) => {
             backup_before_restore_point(&backups, name, &archive, options, &index, size).await?
         }
+        (RecoveryTarget::Xid(xid), None) => {
+            let xid = target::xid_of(xid)?;
+            backup_reaching_xid(&backups, xid, &archive, options, &index, size).await?
+        }
         _ => choose_backup(&backups, options)?,
     };
     match &options.backup {
@@ -257,6 +261,37 @@ async fn backup_before_restore_point<'a>(
             && point.lsn >= backup.stop_lsn
         {
             return Ok(backup);
+        }
+    }
+    choose_backup(backups, options)
+}
+
+/// For `--target-xid` without `--backup`: the newest backup after whose start transaction
+/// `xid` ends, and not before the segment where the backup becomes consistent (recovery that
+/// stops before then fails). If none qualifies, the newest backup is returned and
+/// `last_segment_needed` explains why it cannot reach the transaction.
+async fn backup_reaching_xid<'a>(
+    backups: &'a [Manifest],
+    xid: u32,
+    archive: &ArchiveView,
+    options: &RestoreOptions,
+    index: &ArchiveIndex<'_>,
+    size: WalSegmentSize,
+) -> Result<&'a Manifest> {
+    for backup in backups.iter().rev() {
+        let Ok(path) = timeline_path(backup, archive, options.timeline) else {
+            continue;
+        };
+        let segment_of = |lsn: Lsn| lsn.0 / u64::from(size.0);
+        let segments = archive.segments_on_path(&path, segment_of(backup.start_lsn), size);
+        match index.segment_ending_xid(&segments, xid).await? {
+            XidReach::StopsIn(segment)
+                if segment.segment_number(size) >= segment_of(backup.stop_lsn) =>
+            {
+                return Ok(backup);
+            }
+            XidReach::Unknown => return Ok(backup),
+            XidReach::StopsIn(_) | XidReach::NotFound => {}
         }
     }
     choose_backup(backups, options)
@@ -429,7 +464,12 @@ async fn last_segment_needed(
                 .segment_ending_xid(&segments, target::xid_of(xid)?)
                 .await?
             {
-                XidReach::StopsIn(segment) => Some(segment.segment_number(size).max(stop_segment)),
+                XidReach::StopsIn(segment) if segment.segment_number(size) < stop_segment => bail!(
+                    "transaction {xid} ends before backup {} is consistent (LSN {}); recovery would stop there and fail. Restore from an earlier backup with --backup",
+                    backup.id,
+                    backup.stop_lsn
+                ),
+                XidReach::StopsIn(segment) => Some(segment.segment_number(size)),
                 XidReach::Unknown => None,
                 // WAL beyond a gap: the coverage check names the missing segment.
                 XidReach::NotFound if archive.has_segment_after(after_last) => Some(after_last),

@@ -38,8 +38,9 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
     }
     let prefetcher = Prefetcher::new(settings, Arc::clone(&repository), Arc::new(Metrics::new()));
     // A spooled copy was fetched and verified by a worker that a hook started here only after
-    // this data directory passed the cluster check, so serving it needs no round trip to the
-    // store (on a remote one, that round trip was most of a hit's time).
+    // this data directory passed the cluster check, or that `pitr restore` started for a
+    // backup from the same repository, so serving it needs no round trip to the store (on a
+    // remote one, that round trip was most of a hit's time).
     let served_from_spool = prefetcher.take_spooled(&name, &destination)?
         || (prefetcher
             .wait_for_worker(&name, settings.store_timeout)

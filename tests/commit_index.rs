@@ -37,7 +37,16 @@ fn postgres_micros(text: &str) -> i64 {
 }
 
 /// pg_waldump's transaction ends and restore points, keyed by segment number.
-fn waldump_events(directory: &Path, first: &str, last: &str) -> BTreeMap<u64, Vec<Event>> {
+/// Per segment: the ids of the transactions whose (not prepared) commit or abort record
+/// starts there, and the number of COMMIT_PREPARED / ABORT_PREPARED records.
+type EndedXids = BTreeMap<u64, (std::collections::BTreeSet<u32>, u64)>;
+
+fn waldump_events(
+    directory: &Path,
+    first: &str,
+    last: &str,
+    ended_xids: &mut EndedXids,
+) -> BTreeMap<u64, Vec<Event>> {
     let output = Command::new("/usr/lib/postgresql/15/bin/pg_waldump")
         .env("TZ", "UTC")
         .arg("-p")
@@ -66,6 +75,12 @@ fn waldump_events(directory: &Path, first: &str, last: &str) -> BTreeMap<u64, Ve
                 "COMMIT" | "ABORT" | "COMMIT_PREPARED" | "ABORT_PREPARED"
             ) {
                 continue;
+            }
+            let ended = ended_xids.entry(lsn >> 24).or_default();
+            if kind.ends_with("_PREPARED") {
+                ended.1 += 1;
+            } else {
+                ended.0.insert(xid);
             }
             // COMMIT_PREPARED and ABORT_PREPARED print the prepared xid first: "7: 2026-…".
             let time_text = rest.split(';').next().unwrap();
@@ -151,7 +166,21 @@ fn the_commit_index_matches_pg_waldump_on_every_segment() {
         .map(|entry| entry.file_name().into_string().unwrap())
         .collect();
     segments.sort();
-    let expected = waldump_events(&fetched, &segments[0], segments.last().unwrap());
+    let mut expected_xids = EndedXids::new();
+    let expected = waldump_events(
+        &fetched,
+        &segments[0],
+        segments.last().unwrap(),
+        &mut expected_xids,
+    );
+    assert!(
+        expected_xids
+            .values()
+            .map(|(_, prepared)| prepared)
+            .sum::<u64>()
+            >= 2,
+        "the workload ends prepared transactions"
+    );
     let all: Vec<&Event> = expected.values().flatten().collect();
     assert!(
         all.iter().any(|event| event.label == "aborted"),
@@ -186,6 +215,22 @@ fn the_commit_index_matches_pg_waldump_on_every_segment() {
             "{segment}: {summary}"
         );
         seen_transaction_ends += ends.len();
+        // The transaction ids --target-xid is checked against: every run expanded, exactly
+        // the ids pg_waldump shows ending here, and the prepared ends counted apart.
+        let (xids, prepared) = expected_xids.get(&number).cloned().unwrap_or_default();
+        let shown_xids: std::collections::BTreeSet<u32> = summary["ended_xids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|run| run["first"].as_u64().unwrap()..=run["last"].as_u64().unwrap())
+            .map(|xid| xid as u32)
+            .collect();
+        assert_eq!(shown_xids, xids, "{segment}");
+        assert_eq!(
+            summary["prepared_ends"].as_u64().unwrap(),
+            prepared,
+            "{segment}"
+        );
         if let (Some(first), Some(last)) = (ends.first(), ends.last()) {
             assert_eq!(
                 &transaction_end(&summary["first_transaction_end"]),

@@ -55,17 +55,13 @@ pub struct Prefetcher {
 /// Lets `repository` use the identity an earlier hook of this recovery read from it, so a
 /// miss or a starting worker does not spend a round trip on it. The copy names the repository
 /// URL it came from and goes through the same checks as a read from the store; any doubt
-/// about it (absent, torn, another URL, refused) means the store is asked.
-pub fn adopt_remembered_identity(settings: &Settings, repository: &Repository) {
-    let Ok(bytes) = std::fs::read(spool_of(settings).join(IDENTITY_COPY)) else {
-        return;
-    };
-    let Ok(copy) = serde_json::from_slice::<RememberedIdentity>(&bytes) else {
-        return;
-    };
-    if copy.url == repository.url {
-        let _ = repository.adopt_identity(copy.identity);
-    }
+/// about it (absent, torn, another URL, refused) means the store is asked. True if adopted.
+pub fn adopt_remembered_identity(settings: &Settings, repository: &Repository) -> bool {
+    std::fs::read(spool_of(settings).join(IDENTITY_COPY))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<RememberedIdentity>(&bytes).ok())
+        .filter(|copy| copy.url == repository.url)
+        .is_some_and(|copy| repository.adopt_identity(copy.identity).is_ok())
 }
 
 /// Keeps the identity `repository` has read, for `adopt_remembered_identity`. Written to a

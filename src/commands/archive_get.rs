@@ -49,9 +49,11 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
     let outcome = if served_from_spool {
         GetOutcome::Restored
     } else {
-        crate::prefetch::adopt_remembered_identity(settings, &repository);
+        let adopted = crate::prefetch::adopt_remembered_identity(settings, &repository);
         check_cluster(settings, &repository, wal_file).await?;
-        crate::prefetch::remember_identity(settings, &repository);
+        if !adopted {
+            crate::prefetch::remember_identity(settings, &repository);
+        }
         fetch(&repository, &name, &destination).await?
     };
     if let (GetOutcome::Restored, WalFileName::Segment(segment)) = (outcome, name) {

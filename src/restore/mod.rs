@@ -101,6 +101,14 @@ impl ArchiveView {
         segments
     }
 
+    /// The first segment missing after `segments` (as `segments_on_path` listed them from
+    /// `first`), if WAL lies beyond it: then a target the index cannot find may still lie past
+    /// the gap, and the coverage check, naming the missing segment, has the answer.
+    fn gap_before_more_wal(&self, first: u64, segments: &[SegmentName]) -> Option<u64> {
+        let missing = first + segments.len() as u64;
+        self.has_segment_after(missing).then_some(missing)
+    }
+
     /// Whether any timeline holds a segment numbered `number` or later.
     fn has_segment_after(&self, number: u64) -> bool {
         self.segments
@@ -417,24 +425,17 @@ async fn last_segment_needed(
             let reach = index
                 .segment_ending_after(&segments, target, options.inclusive)
                 .await?;
-            let after_last = segments
-                .last()
-                .map_or(stop_segment, |last| last.segment_number(size) + 1);
+            let gap = archive.gap_before_more_wal(stop_segment, &segments);
             match reach {
                 TimeReach::StopsIn(segment) => Some(segment.segment_number(size).max(stop_segment)),
-                // WAL beyond a gap: the coverage check names the missing segment.
-                TimeReach::Beyond { .. } if archive.has_segment_after(after_last) => {
-                    Some(after_last)
-                }
+                TimeReach::Beyond { .. } if gap.is_some() => gap,
                 TimeReach::Beyond { last } => bail!(target_beyond_archive(options, last)),
             }
         }
         RecoveryTarget::Name(name) => {
             let start_segment = segment_of(backup.start_lsn);
             let segments = archive.segments_on_path(path, start_segment, size);
-            let after_last = segments
-                .last()
-                .map_or(start_segment, |last| last.segment_number(size) + 1);
+            let gap = archive.gap_before_more_wal(start_segment, &segments);
             match index.first_restore_point_named(&segments, name).await? {
                 Some((_, point)) if point.lsn < backup.stop_lsn => bail!(
                     "restore point '{name}' at LSN {} lies before backup {} is consistent (LSN {}); recovery would stop there and fail. Restore from an earlier backup with --backup",
@@ -443,8 +444,7 @@ async fn last_segment_needed(
                     backup.stop_lsn
                 ),
                 Some((segment, _)) => Some(segment.segment_number(size).max(stop_segment)),
-                // WAL beyond a gap: the coverage check names the missing segment.
-                None if archive.has_segment_after(after_last) => Some(after_last),
+                None if gap.is_some() => gap,
                 None => bail!(
                     "restore point '{name}' is not in the archive after backup {}; Postgres would replay to the end and stop with FATAL. Check the name (pg_create_restore_point), or restore to a time or LSN instead",
                     backup.id
@@ -457,9 +457,7 @@ async fn last_segment_needed(
             // only as it would without this check.
             let start_segment = segment_of(backup.start_lsn);
             let segments = archive.segments_on_path(path, start_segment, size);
-            let after_last = segments
-                .last()
-                .map_or(start_segment, |last| last.segment_number(size) + 1);
+            let gap = archive.gap_before_more_wal(start_segment, &segments);
             match index
                 .segment_ending_xid(&segments, target::xid_of(xid)?)
                 .await?
@@ -471,8 +469,7 @@ async fn last_segment_needed(
                 ),
                 XidReach::StopsIn(segment) => Some(segment.segment_number(size)),
                 XidReach::Unknown => None,
-                // WAL beyond a gap: the coverage check names the missing segment.
-                XidReach::NotFound if archive.has_segment_after(after_last) => Some(after_last),
+                XidReach::NotFound if gap.is_some() => gap,
                 XidReach::NotFound => bail!(
                     "transaction {xid} does not end in the archive after the start of backup {}; Postgres would replay to the end and stop with FATAL. Check the id (a top-level transaction's, as txid_current() shows it), restore from an earlier backup with --backup, or restore to a time or LSN instead",
                     backup.id
@@ -510,7 +507,6 @@ fn target_beyond_archive(
     )
 }
 
-/// Downloads every file of the backup; pg_control last, so an interrupted restore cannot start.
 /// Starts the background prefetch worker on the first segments recovery will ask for, from
 /// the backup's start, with the identity this restore read. They are fetched while the base
 /// downloads, so recovery's first requests find them spooled; on a remote store each would
@@ -522,12 +518,12 @@ fn prefetch_from_backup_start(
     size: WalSegmentSize,
 ) {
     let first = backup.start_lsn.0 / u64::from(size.0);
-    let Some(before_first) = first.checked_sub(1) else {
+    let Some(before_first) = first
+        .checked_sub(1)
+        .filter(|_| settings.prefetch_segments > 0)
+    else {
         return;
     };
-    if settings.prefetch_segments == 0 {
-        return;
-    }
     crate::prefetch::remember_identity(settings, repository);
     crate::commands::archive_get::start_prefetch_worker(
         settings,
@@ -535,6 +531,7 @@ fn prefetch_from_backup_start(
     );
 }
 
+/// Downloads every file of the backup; pg_control last, so an interrupted restore cannot start.
 async fn download(
     repository: &Repository,
     backup: &Manifest,

@@ -134,7 +134,9 @@ pub enum LogFormat {
 /// CPUs this process may use; `available_parallelism` honours a cgroup CPU quota, which is
 /// what a sidecar with a CPU limit needs.
 pub fn cpu_count() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    // Reading the cgroup limit parses several files; every hook asks, so ask once.
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
 }
 
 /// Resolved, validated settings.

@@ -195,8 +195,16 @@ fn main() -> ExitCode {
         Err(error) => return fail(&cli.command, &anyhow::Error::new(error)),
     };
     init_logging(&settings, hook);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // A hook is one request and runs once per WAL segment, so its start-up is on Postgres's
+    // critical path: one thread, not a pool to spawn (its CPU work goes to spawn_blocking).
+    let mut runtime = if hook {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(2);
+        builder
+    };
+    let runtime = runtime
         .enable_all()
         .build()
         .expect("the tokio runtime starts");

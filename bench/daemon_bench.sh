@@ -23,9 +23,10 @@
 #          process-start floors /bin/true, `pitr --version`, `pgbackrest version`
 #   rss    VmHWM of the daemon process at the end of each push / get run, and the peaks of
 #          RssAnon / RssFile sampled every 50 ms (RssFile: page cache the daemon has mmapped)
-#   limits (per corpus) zstd -1 on one and two cores on the concatenated corpus (push limit:
-#          two cores), a copy of every segment with fsync of file and directory, one and two at
-#          a time (get limit: the faster), zstd -d (informational)
+#   limits (per corpus, one measurement in every round, beside the tools' runs of that round)
+#          zstd -1 on one and two cores on the concatenated corpus (push limit: two cores), a
+#          copy of every segment with fsync of file and directory, one and two at a time (get
+#          limit: the faster), zstd -d (informational)
 # The daemon's /status and /metrics are saved after every run (OUTDIR/snap/), its log per label.
 #
 # cpu_s is machine-wide busy time (/proc/stat) during the timed window, so it includes
@@ -360,13 +361,16 @@ run_driver() {   # LABEL DRIVER-ARGS...: as postgres; failure shows the log
 mibs() { awk -v b="$SEGBYTES" -v w="$1" 'BEGIN{printf "%.0f", b/1048576/w}'; }
 
 # ---------------------------------------------------------------- phases
-limits() {   # physical limits of this machine on the corpus
-  local cat=$WORK/corpus.cat r
-  log "[$TAG] limits: zstd -1 -T1/-T2, zstd -d, fsync'd copy 1 and 2 at a time ($RUNS runs)"
-  (cd "$CORPUS" && xargs cat <"$SEGS") >"$cat"
-  zstd -q -1 -T1 -c "$cat" >"$cat.zst"
+# The physical limits are measured in the same rounds as the tools, one measurement beside each
+# round of runs: this VM's speed drifts by tens of percent within minutes (its host), and limits
+# measured once at the start compared the tools with another moment's machine.
+limits_prepare() {   # the concatenated corpus, its zstd -1 form and the fsync'd-copy script
+  LIMIT_CAT=$WORK/corpus.cat
+  log "[$TAG] limits: zstd -1 -T1/-T2 and zstd -d in each push round, fsync'd copy 1 and 2 at a time in each get round"
+  (cd "$CORPUS" && xargs cat <"$SEGS") >"$LIMIT_CAT"
+  zstd -q -1 -T1 -c "$LIMIT_CAT" >"$LIMIT_CAT.zst"
   sync   # the 3 GB just written must not be flushed during the fsync'd-copy runs
-  echo "$TAG zstd1_bytes $(stat -c %s "$cat.zst")" >>"$OUTDIR/sizes.txt"
+  echo "$TAG zstd1_bytes $(stat -c %s "$LIMIT_CAT.zst")" >>"$OUTDIR/sizes.txt"
   cat >"$WORK/fsync_copy.py" <<'EOF'
 # fsync_copy.py SRC DST LIST JOBS: copy every segment, fsync it and the directory, JOBS at a time
 import os, shutil, sys
@@ -379,16 +383,19 @@ def copy(name):
 with ThreadPoolExecutor(jobs) as pool:
     list(pool.map(copy, open(lst).read().split()))
 EOF
-  for r in $(seq 1 "$RUNS"); do
-    tstart; zstd -q -1 -T1 -c "$cat" >/dev/null; tstop "$TAG-limit-zstd1-T1" "$r"
-    tstart; zstd -q -1 -T2 -c "$cat" >/dev/null; tstop "$TAG-limit-zstd1-T2" "$r"
-    tstart; zstd -q -d -c "$cat.zst" >/dev/null; tstop "$TAG-limit-zstd-d" "$r"
-    for j in 1 2; do
-      fresh_dir "$WORK/cpcopy"; sync
-      tstart; "$PY" "$WORK/fsync_copy.py" "$CORPUS" "$WORK/cpcopy" "$SEGS" $j; tstop "$TAG-limit-copy-fsync-j$j" "$r"
-    done
+}
+push_limits() {   # RUN: the push limit (zstd -1 on one and two cores) and zstd -d
+  tstart; zstd -q -1 -T1 -c "$LIMIT_CAT" >/dev/null; tstop "$TAG-limit-zstd1-T1" "$1"
+  tstart; zstd -q -1 -T2 -c "$LIMIT_CAT" >/dev/null; tstop "$TAG-limit-zstd1-T2" "$1"
+  tstart; zstd -q -d -c "$LIMIT_CAT.zst" >/dev/null; tstop "$TAG-limit-zstd-d" "$1"
+}
+get_limits() {   # RUN: the get limit, a copy of every segment fsync'd one and two at a time
+  local j
+  for j in 1 2; do
+    fresh_dir "$WORK/cpcopy"; sync
+    tstart; "$PY" "$WORK/fsync_copy.py" "$CORPUS" "$WORK/cpcopy" "$SEGS" $j; tstop "$TAG-limit-copy-fsync-j$j" "$1"
   done
-  rm -rf "$WORK/cpcopy" "$cat" "$cat.zst"
+  rm -rf "$WORK/cpcopy"
 }
 
 push_pgbr() {   # KIND RUN
@@ -494,13 +501,14 @@ for spec in $CORPORA; do
   echo "$TAG corpus $CORPUS nseg $NSEG bytes $SEGBYTES" >>"$OUTDIR/sizes.txt"
   log "[$TAG] corpus $CORPUS: $NSEG segments, $SEGBYTES bytes"
   (cd "$CORPUS" && xargs cat <"$SEGS" >/dev/null)   # hot page cache, for every tool alike
-  limits
+  limits_prepare
   for kind in $REPOS; do
     write_configs "$kind"
     log "[$TAG/$kind] push: $RUNS runs (pgBackRest async p2, pitr daemon c$CONC, c$CONC_HI), interleaved"
     for r in $(seq 1 "$RUNS"); do
       push_pgbr "$kind" "$r"
       push_pitr "$kind" "$CONC_HI" "$r"
+      push_limits "$r"
       if [ "$r" = "$RUNS" ]; then push_pitr "$kind" "$CONC" "$r" keep; else push_pitr "$kind" "$CONC" "$r"; fi
     done
     echo "$TAG $kind pgbr-async bytes $(pgbr_bytes "$kind")" >>"$OUTDIR/sizes.txt"
@@ -512,9 +520,11 @@ for spec in $CORPORA; do
       get_pgbr "$kind" "$r"
       get_pitr "$kind" "$CONC" "$r"
       get_pitr "$kind" "$CONC_HI" "$r"
+      get_limits "$r"
     done
     rm -rf "$GETDIR"
   done
+  rm -f "$LIMIT_CAT" "$LIMIT_CAT.zst"
 done
 [ -n "$DONE_CORPORA" ] || die "no corpus found in CORPORA=$CORPORA"
 fi

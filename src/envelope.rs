@@ -11,7 +11,7 @@
 //! docs/FORMAT.md is the byte-level specification and must change with this file.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::path::Path;
 
 use aead_stream::{StreamBE32, StreamPrimitive};
@@ -585,13 +585,10 @@ fn decompressor<'a, R: Read + Send + 'a>(
     opener: ChunkOpener<R>,
 ) -> Result<Box<dyn Read + Send + 'a>, EnvelopeError> {
     Ok(match header.compression {
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(
-                COPY_BUFFER,
-                opener,
-            ))
-            .map_err(EnvelopeError::Sink)?,
-        ),
+        // The opener is zstd's input buffer itself: each opened chunk is read where it lies.
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(opener).map_err(EnvelopeError::Sink)?)
+        }
         Compression::None => Box::new(opener),
     })
 }
@@ -775,17 +772,30 @@ impl<R: Read> ChunkOpener<R> {
 
 impl<R: Read> Read for ChunkOpener<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let count = out.len().min(available.len());
+        out[..count].copy_from_slice(&available[..count]);
+        self.consume(count);
+        Ok(count)
+    }
+}
+
+impl<R: Read> io::BufRead for ChunkOpener<R> {
+    /// The rest of the current opened chunk, opening the next one when it is used up; empty
+    /// only at the end of the object.
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.offset == self.plaintext.len() {
             if self.finished {
-                return Ok(0);
+                return Ok(&[]);
             }
             self.open_next().map_err(io::Error::other)?;
             self.offset = 0;
         }
-        let count = out.len().min(self.plaintext.len() - self.offset);
-        out[..count].copy_from_slice(&self.plaintext[self.offset..self.offset + count]);
-        self.offset += count;
-        Ok(count)
+        Ok(&self.plaintext[self.offset..])
+    }
+
+    fn consume(&mut self, count: usize) {
+        self.offset = (self.offset + count).min(self.plaintext.len());
     }
 }
 

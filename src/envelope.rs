@@ -780,7 +780,7 @@ impl<R: Read> Read for ChunkOpener<R> {
     }
 }
 
-impl<R: Read> io::BufRead for ChunkOpener<R> {
+impl<R: Read> BufRead for ChunkOpener<R> {
     /// The rest of the current opened chunk, opening the next one when it is used up; empty
     /// only at the end of the object.
     fn fill_buf(&mut self) -> io::Result<&[u8]> {

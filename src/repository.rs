@@ -99,6 +99,9 @@ pub enum PutOutcome {
 
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
+    /// The same store without object_store's own retries, for create-only writes (see
+    /// `put_create_only`). On `file://` it is `store` itself.
+    create_store: Arc<dyn ObjectStore>,
     prefix: Path,
     /// The directory behind a `file://` repository, which this module must fsync itself.
     local_root: Option<PathBuf>,
@@ -128,40 +131,42 @@ impl Repository {
         };
         let url = url::Url::parse(url_text).map_err(|error| bad_url(error.to_string()))?;
         let prefix = Path::from(url.path().trim_start_matches('/'));
-        let (store, prefix, local_root): (Arc<dyn ObjectStore>, Path, Option<PathBuf>) =
-            match url.scheme() {
-                "file" => {
-                    let root = PathBuf::from(url.path());
-                    std::fs::create_dir_all(&root).map_err(|error| {
-                        RepositoryError::Config(format!(
-                            "cannot create the repository directory {}: {error}",
-                            root.display()
-                        ))
-                    })?;
-                    let store = object_store::local::LocalFileSystem::new_with_prefix(&root)
+        let retrying = retry_config(settings.store_timeout);
+        let once = RetryConfig {
+            max_retries: 0,
+            ..retry_config(settings.store_timeout)
+        };
+        let remote = |build: RemoteBuilder| -> Result<[Arc<dyn ObjectStore>; 2], RepositoryError> {
+            let store =
+                build(url_text, settings, retrying.clone()).map_err(|e| bad_url(e.to_string()))?;
+            let create_store =
+                build(url_text, settings, once.clone()).map_err(|e| bad_url(e.to_string()))?;
+            Ok([store, create_store])
+        };
+        let ([store, create_store], prefix, local_root) = match url.scheme() {
+            "file" => {
+                let root = PathBuf::from(url.path());
+                std::fs::create_dir_all(&root).map_err(|error| {
+                    RepositoryError::Config(format!(
+                        "cannot create the repository directory {}: {error}",
+                        root.display()
+                    ))
+                })?;
+                let store: Arc<dyn ObjectStore> = Arc::new(
+                    object_store::local::LocalFileSystem::new_with_prefix(&root)
                         .map_err(|error| bad_url(error.to_string()))?
-                        .with_automatic_cleanup(true);
-                    (Arc::new(store), Path::default(), Some(root))
-                }
-                "s3" | "s3a" => (
-                    build_s3(url_text, settings).map_err(|error| bad_url(error.to_string()))?,
-                    prefix,
-                    None,
-                ),
-                "gs" => (
-                    build_gcs(url_text, settings).map_err(|error| bad_url(error.to_string()))?,
-                    prefix,
-                    None,
-                ),
-                "az" | "azure" | "abfs" | "abfss" => (
-                    build_azure(url_text, settings).map_err(|error| bad_url(error.to_string()))?,
-                    prefix,
-                    None,
-                ),
-                other => return Err(bad_url(format!("the scheme '{other}' is not supported"))),
-            };
+                        .with_automatic_cleanup(true),
+                );
+                ([Arc::clone(&store), store], Path::default(), Some(root))
+            }
+            "s3" | "s3a" => (remote(build_s3)?, prefix, None),
+            "gs" => (remote(build_gcs)?, prefix, None),
+            "az" | "azure" | "abfs" | "abfss" => (remote(build_azure)?, prefix, None),
+            other => return Err(bad_url(format!("the scheme '{other}' is not supported"))),
+        };
         Ok(Repository {
             store,
+            create_store,
             prefix,
             local_root,
             url: url_text.to_string(),
@@ -479,55 +484,79 @@ impl Repository {
     ) -> Result<PutOutcome, RepositoryError> {
         let immediate = durability == Durability::Immediate;
         let location = self.location(key);
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        let put = self.store.put_opts(&location, payload, options);
-        match tokio::time::timeout(self.timeout, put).await {
-            Ok(Ok(_)) => {}
-            // The earlier writer may have died before its fsync: make the object durable now,
-            // before anyone reports it archived.
-            Ok(Err(object_store::Error::AlreadyExists { .. })) => {
-                if immediate {
-                    self.sync_if_local(key, &location)?;
-                }
-                return Ok(PutOutcome::AlreadyExists);
-            }
-            Ok(Err(error)) => {
-                // Some stores answer a create-only write of a taken name by closing the
-                // connection (s3s-fs does, before reading the body), and a lost response can
-                // hide a write that landed. If the name exists now, the caller compares
-                // contents, which settles both cases safely.
-                if self.exists(&location).await {
+        let outcome = self.put_create_only(key, &location, payload).await?;
+        // On AlreadyExists too: the earlier writer may have died before its fsync, so the
+        // object is made durable now, before anyone reports it archived.
+        if immediate {
+            self.sync_if_local(key, &location)?;
+        }
+        Ok(outcome)
+    }
+
+    /// One create-only write, retried here rather than inside object_store, because between
+    /// attempts it asks whether the name exists. Some stores answer a create-only write of a
+    /// taken name by closing the connection before reading the body (s3s-fs does, and a server
+    /// that stops reading a request it refuses may reset it), which the client sees as a
+    /// failure to send. Retried blindly, as object_store does, the whole body went out up to
+    /// ten more times with backoff: an identical re-push took up to 5 s instead of 0.1 s, and
+    /// could miss its deadline. A lost response can also hide a write that landed. Either way
+    /// the name exists now, and the caller compares contents, which settles both safely.
+    async fn put_create_only(
+        &self,
+        key: &str,
+        location: &Path,
+        payload: PutPayload,
+    ) -> Result<PutOutcome, RepositoryError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut backoff = CREATE_RETRY_BACKOFF;
+        let mut retries = 0;
+        loop {
+            let options = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            let put = self
+                .create_store
+                .put_opts(location, payload.clone(), options);
+            let error = match tokio::time::timeout_at(deadline, put).await {
+                Ok(Ok(_)) => return Ok(PutOutcome::Created),
+                Ok(Err(object_store::Error::AlreadyExists { .. })) => {
                     return Ok(PutOutcome::AlreadyExists);
                 }
+                Ok(Err(error)) => error,
+                Err(_) => {
+                    return Err(RepositoryError::Unreachable {
+                        url: self.url.clone(),
+                        detail: format!(
+                            "writing {key} did not finish within {} s",
+                            self.timeout.as_secs()
+                        ),
+                    });
+                }
+            };
+            if self.exists_before(location, deadline).await {
+                return Ok(PutOutcome::AlreadyExists);
+            }
+            let retry_at = tokio::time::Instant::now() + backoff;
+            if !is_transient(&error) || retries == CREATE_RETRIES || retry_at >= deadline {
                 return Err(RepositoryError::from_store(
                     &self.url,
                     &format!("writing {key}"),
                     error,
                 ));
             }
-            Err(_) => {
-                return Err(RepositoryError::Unreachable {
-                    url: self.url.clone(),
-                    detail: format!(
-                        "writing {key} did not finish within {} s",
-                        self.timeout.as_secs()
-                    ),
-                });
-            }
+            tracing::info!(key, "writing failed ({}); retrying", one_line(&error));
+            tokio::time::sleep_until(retry_at).await;
+            backoff = (backoff * 2).min(CREATE_RETRY_BACKOFF_MAX);
+            retries += 1;
         }
-        if immediate {
-            self.sync_if_local(key, &location)?;
-        }
-        Ok(PutOutcome::Created)
     }
 
-    /// Whether an object exists at `location`; false also when the store cannot say.
-    async fn exists(&self, location: &Path) -> bool {
+    /// Whether an object exists at `location`; false also when the store cannot say by
+    /// `deadline`.
+    async fn exists_before(&self, location: &Path, deadline: tokio::time::Instant) -> bool {
         matches!(
-            tokio::time::timeout(self.timeout, self.store.head(location)).await,
+            tokio::time::timeout_at(deadline, self.store.head(location)).await,
             Ok(Ok(_))
         )
     }
@@ -723,6 +752,20 @@ impl Read for ChannelReader {
     }
 }
 
+/// Retries of a failed create-only write (`put_create_only`), as many as object_store makes.
+const CREATE_RETRIES: u32 = 10;
+const CREATE_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+const CREATE_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Whether a failed write may succeed if sent again: a connection that failed or dropped, or
+/// a server error. Refusals (permissions, credentials, preconditions) have their own error
+/// kinds and are final.
+fn is_transient(error: &object_store::Error) -> bool {
+    matches!(error, object_store::Error::Generic { .. })
+}
+
+type RemoteBuilder = fn(&str, &Settings, RetryConfig) -> object_store::Result<Arc<dyn ObjectStore>>;
+
 fn retry_config(timeout: Duration) -> RetryConfig {
     RetryConfig {
         backoff: BackoffConfig {
@@ -751,11 +794,13 @@ fn client_timeouts(timeout: Duration) -> [(ClientConfigKey, String); 2] {
     ]
 }
 
-fn build_s3(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn ObjectStore>> {
+fn build_s3(
+    url: &str,
+    settings: &Settings,
+    retry: RetryConfig,
+) -> object_store::Result<Arc<dyn ObjectStore>> {
     use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-    let mut builder = AmazonS3Builder::from_env()
-        .with_url(url)
-        .with_retry(retry_config(settings.store_timeout));
+    let mut builder = AmazonS3Builder::from_env().with_url(url).with_retry(retry);
     for (key, value) in client_timeouts(settings.store_timeout) {
         builder = builder.with_config(AmazonS3ConfigKey::Client(key), value);
     }
@@ -765,11 +810,15 @@ fn build_s3(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn Obje
     Ok(Arc::new(builder.build()?))
 }
 
-fn build_gcs(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn ObjectStore>> {
+fn build_gcs(
+    url: &str,
+    settings: &Settings,
+    retry: RetryConfig,
+) -> object_store::Result<Arc<dyn ObjectStore>> {
     use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
     let mut builder = GoogleCloudStorageBuilder::from_env()
         .with_url(url)
-        .with_retry(retry_config(settings.store_timeout));
+        .with_retry(retry);
     for (key, value) in client_timeouts(settings.store_timeout) {
         builder = builder.with_config(GoogleConfigKey::Client(key), value);
     }
@@ -779,11 +828,15 @@ fn build_gcs(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn Obj
     Ok(Arc::new(builder.build()?))
 }
 
-fn build_azure(url: &str, settings: &Settings) -> object_store::Result<Arc<dyn ObjectStore>> {
+fn build_azure(
+    url: &str,
+    settings: &Settings,
+    retry: RetryConfig,
+) -> object_store::Result<Arc<dyn ObjectStore>> {
     use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
     let mut builder = MicrosoftAzureBuilder::from_env()
         .with_url(url)
-        .with_retry(retry_config(settings.store_timeout));
+        .with_retry(retry);
     for (key, value) in client_timeouts(settings.store_timeout) {
         builder = builder.with_config(AzureConfigKey::Client(key), value);
     }

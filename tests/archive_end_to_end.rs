@@ -26,7 +26,7 @@ fn archive_and_recover_on_a_file_repository() {
     let workspace = Workspace::new();
     let repository = workspace.path("repo");
     let store = format!("repo = 'file://{}'\n", repository.display());
-    archive_and_recover(&workspace, &store, &repository);
+    archive_and_recover(&workspace, &store, &repository, None);
 }
 
 #[test]
@@ -43,10 +43,22 @@ fn archive_and_recover_on_an_s3_repository() {
         s3.bucket,
         s3.store_settings()
     );
-    archive_and_recover(&workspace, &store, &s3.data);
+    let proxy = support::DelayProxy::start(s3.port, Duration::from_millis(10));
+    let far_store = format!(
+        "repo = 's3://{}/clusters/main'\n{}",
+        s3.bucket,
+        s3.store_settings_at(proxy.port)
+    );
+    archive_and_recover(&workspace, &store, &s3.data, Some(&far_store));
 }
 
-fn archive_and_recover(workspace: &Workspace, store: &str, storage_root: &Path) {
+/// `far_store` is `store` reached through a proxy that adds 20 ms of round trip (remote stores).
+fn archive_and_recover(
+    workspace: &Workspace,
+    store: &str,
+    storage_root: &Path,
+    far_store: Option<&str>,
+) {
     let keyring = workspace.keygen("keyring");
     let config = workspace.write_config(
         "pitr.toml",
@@ -114,6 +126,9 @@ fn archive_and_recover(workspace: &Workspace, store: &str, storage_root: &Path) 
         "re-push of {archived}: {}",
         support::stderr_of(&output)
     );
+    if let Some(far_store) = far_store {
+        repush_to_a_far_store(workspace, &keyring, far_store, &primary.data);
+    }
     assert_marker_only_in_plaintext(&primary.data.join("pg_wal"), storage_root);
     primary.stop();
 
@@ -146,6 +161,46 @@ fn archive_and_recover(workspace: &Workspace, store: &str, storage_root: &Path) 
         log.matches("restored log file").count() >= 20,
         "recovery did not replay from the archive:\n{log}"
     );
+}
+
+/// A re-push to a remote store succeeds within a short deadline: a store that drops the
+/// connection on a taken name (s3s-fs does) must not make it resend the segment with backoff
+/// until the deadline passes. With the fullest segment, the refusal comes while its body is
+/// still on the way.
+fn repush_to_a_far_store(workspace: &Workspace, keyring: &Path, far_store: &str, data: &Path) {
+    let (archived, segment) = fullest_archived_segment(&data.join("pg_wal"));
+    let config = workspace.write_config(
+        "pitr-far.toml",
+        &format!(
+            "key_file = '{}'\ncompression_threads = 1\nstore_timeout = 2\n{far_store}",
+            keyring.display()
+        ),
+    );
+    for call in 1..=5 {
+        let output = workspace.pitr(&config, &["archive-push", segment.to_str().unwrap()]);
+        assert!(
+            output.status.success(),
+            "re-push {call} of {archived} with store_timeout = 2: {}",
+            support::stderr_of(&output)
+        );
+    }
+}
+
+/// The archived segment with the most non-zero bytes, and its path.
+fn fullest_archived_segment(pg_wal: &Path) -> (String, std::path::PathBuf) {
+    std::fs::read_dir(pg_wal.join("archive_status"))
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().unwrap();
+            let segment = name.strip_suffix(".done").filter(|name| name.len() == 24)?;
+            Some((segment.to_string(), pg_wal.join(segment)))
+        })
+        .max_by_key(|(_, path)| {
+            let bytes = std::fs::read(path).unwrap();
+            bytes.iter().filter(|&&byte| byte != 0).count()
+        })
+        .unwrap()
 }
 
 /// The marker is in the WAL Postgres wrote, and in no object the repository stores.

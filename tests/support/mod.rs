@@ -501,9 +501,13 @@ impl S3Server {
 
     /// The `[store]` table of a pitr config that points at this server.
     pub fn store_settings(&self) -> String {
+        self.store_settings_at(self.port)
+    }
+
+    /// The `[store]` table for this server reached on `port`, a `DelayProxy` in front of it.
+    pub fn store_settings_at(&self, port: u16) -> String {
         format!(
-            "[store]\naws_endpoint = 'http://127.0.0.1:{}'\naws_allow_http = 'true'\naws_access_key_id = '{S3_ACCESS_KEY}'\naws_secret_access_key = '{S3_SECRET_KEY}'\naws_region = 'us-east-1'\n",
-            self.port
+            "[store]\naws_endpoint = 'http://127.0.0.1:{port}'\naws_allow_http = 'true'\naws_access_key_id = '{S3_ACCESS_KEY}'\naws_secret_access_key = '{S3_SECRET_KEY}'\naws_region = 'us-east-1'\n"
         )
     }
 }
@@ -728,4 +732,75 @@ pub fn round_trip_archived_segments(workspace: &Workspace, config: &Path, data: 
         count += 1;
     }
     count
+}
+
+/// A TCP proxy on a free loopback port that delivers every byte `one_way` after it read it,
+/// in both directions: a store "far away", as a real bucket is. When the server drops a
+/// connection, the proxy drops the client's the same way (unread bytes and all, so the client
+/// sees a reset), as a network between them would. Its threads live as long as the test process.
+pub struct DelayProxy {
+    pub port: u16,
+}
+
+impl DelayProxy {
+    pub fn start(target_port: u16, one_way: Duration) -> Self {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target_port)) else {
+                    continue;
+                };
+                let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let closed = std::sync::Arc::clone(&closed);
+                    std::thread::spawn(move || delay_pipe(from, to, one_way, &closed));
+                }
+            }
+        });
+        DelayProxy { port }
+    }
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read. The end of either
+/// stream, or a failed write, ends both directions: once the other direction ends too, every
+/// handle is dropped and the sockets close.
+fn delay_pipe(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    delay: Duration,
+    closed: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let (sender, receiver) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = std::thread::spawn(move || {
+        for (due, chunk) in receiver {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if to.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    from.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let mut buffer = vec![0u8; 256 << 10];
+    while !closed.load(Ordering::SeqCst) && !writer.is_finished() {
+        match from.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(count) => {
+                let _ = sender.send((Instant::now() + delay, buffer[..count].to_vec()));
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+    }
+    closed.store(true, Ordering::SeqCst);
+    drop(sender);
+    let _ = writer.join();
 }

@@ -70,6 +70,17 @@ pub struct GlobalOptions {
     /// Cap on the bytes held in the prefetch spool, in MiB [default: 1024].
     #[arg(long, env = "PITR_PREFETCH_MAX_MB", global = true, value_name = "MIB")]
     pub prefetch_max_mb: Option<String>,
+    /// Local directory, on another volume than pg_wal, where archive-push keeps encoded WAL while the store is unreachable [default: none: archive-push fails and Postgres keeps the WAL].
+    #[arg(long, env = "PITR_OUTAGE_SPOOL", global = true, value_name = "DIR")]
+    pub outage_spool: Option<PathBuf>,
+    /// Cap on the bytes the outage spool holds, in MiB [default: 4096]; past it archive-push fails.
+    #[arg(
+        long,
+        env = "PITR_OUTAGE_SPOOL_MAX_MB",
+        global = true,
+        value_name = "MIB"
+    )]
+    pub outage_spool_max_mb: Option<String>,
     /// Address of the daemon's HTTP API [default: 127.0.0.1:9851].
     #[arg(long, env = "PITR_HTTP_ADDR", global = true, value_name = "ADDR")]
     pub http_addr: Option<String>,
@@ -116,6 +127,8 @@ struct FileSettings {
     archive_concurrency: Option<i64>,
     prefetch: Option<i64>,
     prefetch_max_mb: Option<i64>,
+    outage_spool: Option<PathBuf>,
+    outage_spool_max_mb: Option<i64>,
     http_addr: Option<String>,
     http_token: Option<String>,
     max_archive_lag: Option<i64>,
@@ -154,6 +167,9 @@ pub struct Settings {
     pub archive_concurrency: usize,
     pub prefetch_segments: usize,
     pub prefetch_max_bytes: u64,
+    /// Where archive-push keeps WAL while the store is unreachable; `None`: it fails instead.
+    pub outage_spool: Option<PathBuf>,
+    pub outage_spool_max_bytes: u64,
     pub http_addr: std::net::SocketAddr,
     pub http_token: Option<String>,
     pub max_archive_lag: Duration,
@@ -229,6 +245,23 @@ impl Settings {
             16..=1_048_576,
             "give MiB from 16 upwards",
         )?;
+        let outage_spool_max_mb = pick_number(
+            "outage spool cap (PITR_OUTAGE_SPOOL_MAX_MB)",
+            options.outage_spool_max_mb.as_deref(),
+            file.outage_spool_max_mb,
+            4096,
+            64..=16_777_216,
+            "give MiB from 64 upwards",
+        )?;
+        let outage_spool = options.outage_spool.clone().or(file.outage_spool);
+        if let Some(spool) = &outage_spool
+            && !spool.is_absolute()
+        {
+            return Err(ConfigError::BadValue(format!(
+                "outage spool (PITR_OUTAGE_SPOOL) '{}' is not an absolute path: hooks run in the data directory, so give the full path of a directory on another volume",
+                spool.display()
+            )));
+        }
         let max_archive_lag = pick_number(
             "maximum archive lag (PITR_MAX_ARCHIVE_LAG)",
             options.max_archive_lag.as_deref(),
@@ -261,6 +294,8 @@ impl Settings {
             archive_concurrency: archive_concurrency as usize,
             prefetch_segments: prefetch as usize,
             prefetch_max_bytes: (prefetch_max_mb as u64) << 20,
+            outage_spool,
+            outage_spool_max_bytes: (outage_spool_max_mb as u64) << 20,
             http_addr,
             http_token: options
                 .http_token

@@ -120,6 +120,21 @@ impl PendingFile {
     }
 }
 
+impl PendingFile {
+    /// Like `commit`, but fails with `AlreadyExists` rather than replace a file at the
+    /// destination: the data is fsynced, hard-linked to the final name, the temporary name is
+    /// removed and the directory fsynced.
+    pub fn link_into_place(mut self) -> io::Result<()> {
+        let file = self.file.take().expect("the file is open until commit");
+        file.sync_all()?;
+        drop(file);
+        let linked = std::fs::hard_link(&self.temporary, &self.destination);
+        let _ = std::fs::remove_file(&self.temporary);
+        linked?;
+        sync_parent_directory(&self.destination)
+    }
+}
+
 impl Drop for PendingFile {
     fn drop(&mut self) {
         if self.file.take().is_some() {

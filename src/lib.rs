@@ -2,7 +2,8 @@
 //!
 //! Modules follow the data flow: `wal` names and validates what Postgres hands over, `envelope`
 //! turns plaintext into a compressed, encrypted object and back, `keyring` holds the keys,
-//! `repository` stores objects on object_store, `config` resolves settings, and `commands` are
+//! `repository` stores objects on object_store, `outage_spool` keeps encoded WAL locally while the
+//! store is unreachable, `config` resolves settings, and `commands` are
 //! the entry points the CLI calls. docs/ARCHITECTURE.md walks through them.
 
 pub mod backup;
@@ -12,6 +13,7 @@ pub mod daemon;
 pub mod durable;
 pub mod envelope;
 pub mod keyring;
+pub mod outage_spool;
 pub mod postgres;
 pub mod prefetch;
 pub mod progress;

@@ -50,6 +50,8 @@ pub struct Prefetcher {
     max_bytes: u64,
     fetching: Mutex<HashMap<String, Fetch>>,
     slots: Arc<Semaphore>,
+    /// Where a file archived during an outage waits until the repository has it.
+    outage_spool: Option<crate::outage_spool::OutageSpool>,
 }
 
 /// Lets `repository` use the identity an earlier hook of this recovery read from it, so a
@@ -146,6 +148,7 @@ impl Prefetcher {
             max_bytes: settings.prefetch_max_bytes,
             fetching: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(slots)),
+            outage_spool: crate::outage_spool::OutageSpool::open(settings),
         })
     }
 
@@ -174,7 +177,13 @@ impl Prefetcher {
             return Ok(GetOutcome::Restored);
         }
         self.metrics.prefetch_misses.inc();
-        archive_get::fetch(&self.repository, &name, destination).await
+        archive_get::fetch_or_spooled(
+            self.outage_spool.as_ref(),
+            &self.repository,
+            &name,
+            destination,
+        )
+        .await
     }
 
     /// Moves a spooled copy of `name` to `destination`; false if none was fetched ahead.

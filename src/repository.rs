@@ -386,6 +386,16 @@ impl Repository {
         Ok((outcome, content))
     }
 
+    /// Stores an object that is already an envelope (from the outage spool), create-only and
+    /// durably. The caller has authenticated it.
+    pub async fn put_encoded(
+        &self,
+        key: &str,
+        object: Bytes,
+    ) -> Result<PutOutcome, RepositoryError> {
+        self.put_raw(key, PutPayload::from(object)).await
+    }
+
     /// Encodes bytes held in memory (a manifest, an index entry) and stores them create-only
     /// and durably.
     pub async fn put_bytes(

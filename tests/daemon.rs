@@ -244,6 +244,117 @@ fn a_store_outage_fails_fast_keeps_the_wal_and_recovers() {
 }
 
 #[test]
+fn an_outage_spool_keeps_archiving_while_the_store_is_down_and_drains_after() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let Some(s3) = S3Server::start(&workspace) else {
+        return;
+    };
+    let http_port = free_port();
+    let primary_data = workspace.path("primary");
+    let spool = workspace.path("outage-spool");
+    std::fs::create_dir(&spool).unwrap();
+    workspace.give_to_postgres(&spool);
+    let store = format!(
+        "repo = 's3://{}/spooled'\noutage_spool = '{}'\n{}",
+        s3.bucket,
+        spool.display(),
+        s3.store_settings()
+    );
+    let config = write_config(&workspace, "pitr.toml", &store, &primary_data, http_port);
+    let mut primary = archiving_cluster(&workspace, "primary", &config);
+    primary.start();
+    primary.sql("create table ledger (round int, item int)");
+    let daemon = DaemonProcess::start(&workspace, &config, &primary, http_port);
+    switch_segments(&primary, 3);
+    primary.wait_until_archived(Duration::from_secs(60));
+    let before_outage = primary.sql("select last_archived_wal from pg_stat_archiver");
+
+    // During the outage every segment is archived all the same: into the spool.
+    let s3 = s3.stop();
+    switch_segments(&primary, 5);
+    primary.wait_until_archived(Duration::from_secs(120));
+    let (_, failed) = archived_and_failed(&primary);
+    assert_eq!(failed, 0, "{}", primary.log());
+    let metrics = daemon.metrics();
+    assert!(
+        metric(&metrics, "pitr_spooled_segments_total") >= 5.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "pitr_outage_spool_objects") >= 5.0,
+        "{metrics}"
+    );
+    let (code, status) = http(http_port, "GET", "/status", None);
+    assert_eq!(code, 200, "{status}");
+    assert!(status.contains("\"outage_spool\":{"), "{status}");
+    let (code, body) = http(http_port, "GET", "/readyz", None);
+    assert_eq!(code, 503, "the store is down: {body}");
+
+    // A hook without the daemon spools too, checking the cluster against the spool's copy of
+    // the identity; a segment the repository holds already is spooled again, and later
+    // settled by comparing contents.
+    let direct = workspace.write_config(
+        "pitr-direct.toml",
+        &std::fs::read_to_string(&config).unwrap().replace(
+            "[store]",
+            &format!(
+                "socket = '{}'\n[store]",
+                workspace.path("no-daemon.sock").display()
+            ),
+        ),
+    );
+    let segment = primary_data.join("pg_wal").join(&before_outage);
+    let output = workspace.pitr(&direct, &["archive-push", segment.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "direct push during the outage: {}",
+        stderr_of(&output)
+    );
+    assert!(
+        stderr_of(&output).contains("kept in the outage spool until it answers"),
+        "{}",
+        stderr_of(&output)
+    );
+
+    // Back up: the daemon moves everything into the repository and empties the spool.
+    let _s3 = s3.restart();
+    let started = std::time::Instant::now();
+    while metric(&daemon.metrics(), "pitr_outage_spool_objects") > 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the spool did not drain: {}\n{}",
+            daemon.metrics(),
+            workspace.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let left: Vec<_> = walk_files(&spool)
+        .into_iter()
+        .filter(|path| !path.ends_with("pitr.identity"))
+        .collect();
+    assert!(left.is_empty(), "left in the spool: {left:?}");
+    assert!(support::round_trip_archived_segments(&workspace, &config, &primary_data) >= 8);
+    let (code, body) = http(http_port, "GET", "/readyz", None);
+    assert_eq!(code, 200, "{body}");
+}
+
+fn walk_files(root: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk_files(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[test]
 fn recovery_is_fed_by_prefetch_across_a_timeline_switch() {
     if !pg15_available() {
         return;

@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use crate::config::Settings;
 use crate::daemon::metrics::Metrics;
 use crate::durable::PendingFile;
+use crate::outage_spool::OutageSpool;
 use crate::prefetch::Prefetcher;
 use crate::repository::{Repository, RepositoryError, check_same_cluster};
 use crate::wal::{self, SegmentName, WalFileName};
@@ -34,7 +35,13 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
     let repository = Arc::new(Repository::open(settings)?);
     if settings.prefetch_segments == 0 {
         check_cluster(settings, &repository, wal_file).await?;
-        return fetch(&repository, &name, &destination).await;
+        return fetch_or_spooled(
+            OutageSpool::open(settings).as_ref(),
+            &repository,
+            &name,
+            &destination,
+        )
+        .await;
     }
     let prefetcher = Prefetcher::new(settings, Arc::clone(&repository), Arc::new(Metrics::new()));
     // A spooled copy was fetched and verified by a worker that a hook started here only after
@@ -54,7 +61,13 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
         if !adopted {
             crate::prefetch::remember_identity(settings, &repository);
         }
-        fetch(&repository, &name, &destination).await?
+        fetch_or_spooled(
+            OutageSpool::open(settings).as_ref(),
+            &repository,
+            &name,
+            &destination,
+        )
+        .await?
     };
     if let (GetOutcome::Restored, WalFileName::Segment(segment)) = (outcome, name) {
         // A running worker picks the request up by itself; starting another would only exit.
@@ -135,6 +148,23 @@ pub async fn check_cluster(
 /// relative destination is resolved against the working directory, never a configured one.
 pub fn absolute_destination(destination: &Path) -> PathBuf {
     std::path::absolute(destination).unwrap_or_else(|_| destination.to_path_buf())
+}
+
+/// `fetch`, but a file the outage spool holds is restored from there: it was archived while the
+/// store was unreachable, and until the daemon moves it into the repository the spool holds
+/// its only copy (the store may still be down while this recovery runs).
+pub async fn fetch_or_spooled(
+    spool: Option<&OutageSpool>,
+    repository: &Repository,
+    name: &WalFileName,
+    destination: &Path,
+) -> Result<GetOutcome> {
+    if let Some(spool) = spool
+        && spool.restore(&Repository::wal_key(name), repository, destination)?
+    {
+        return Ok(GetOutcome::Restored);
+    }
+    fetch(repository, name, destination).await
 }
 
 /// Fetches, verifies and decodes one WAL file into `destination`, atomically.

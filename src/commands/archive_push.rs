@@ -4,7 +4,8 @@
 //! long page header must match its name, size and cluster), then encoded and written
 //! create-only. If the name is already taken, the stored object is read back in full: identical
 //! content is a success (Postgres may re-archive after a crash), different content is an error
-//! that leaves the stored object untouched.
+//! that leaves the stored object untouched. With an outage spool configured, a push that cannot
+//! reach the store goes there instead (see `outage_spool`).
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::config::Settings;
 use crate::envelope::{ContentSummary, EncodeOptions};
+use crate::outage_spool::OutageSpool;
 use crate::repository::{Identity, PutOutcome, Repository, check_same_cluster};
 use crate::wal::{self, SegmentHeader, WalFileName};
 
@@ -20,6 +22,8 @@ use crate::wal::{self, SegmentHeader, WalFileName};
 pub enum PushOutcome {
     Stored,
     AlreadyArchived,
+    /// Durable in the outage spool; the repository receives it when the store answers again.
+    Spooled,
 }
 
 /// A file that passed every local check and may be uploaded.
@@ -38,10 +42,31 @@ pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
         return Ok(outcome);
     }
     let repository = Repository::open(settings)?;
-    let outcome = push(&repository, &file, &encode_options(settings), false, None).await?;
+    let spool = OutageSpool::open(settings);
+    let outcome = push(
+        &repository,
+        &file,
+        &encode_options(settings),
+        false,
+        None,
+        spool.as_ref(),
+    )
+    .await?;
     crate::prefetch::clear_leftover_spool(settings);
+    if let Some(spool) = &spool
+        && outcome != PushOutcome::Spooled
+    {
+        // Without a daemon nothing else empties the spool: each push that reached the store
+        // moves a few objects, so the spool shrinks faster than an outage-free archiver fills it.
+        if let Err(error) = spool.drain(&repository, SPOOL_OBJECTS_PER_HOOK).await {
+            tracing::warn!("the outage spool was not emptied: {error:#}");
+        }
+    }
     Ok(outcome)
 }
+
+/// Spooled objects a hook moves into the repository after its own push.
+const SPOOL_OBJECTS_PER_HOOK: usize = 4;
 
 pub fn encode_options(settings: &Settings) -> EncodeOptions {
     EncodeOptions {
@@ -82,11 +107,77 @@ pub fn validate(settings: &Settings, path: &Path) -> Result<WalFile> {
     Ok(WalFile { name, path, header })
 }
 
-/// Makes a validated file durable in the repository. `known_to_exist` skips the upload and goes
+/// Makes a validated file durable in the repository, or, if the store cannot be reached and
+/// `spool` is given, in the outage spool. `known_to_exist` skips the upload and goes
 /// straight to comparing with the stored copy (the daemon listed it after a restart).
 /// `encode_slots`, when given, bounds how many encodings run at once (the CPU-bound part); the
 /// write that follows does not hold a slot.
 pub async fn push(
+    repository: &Repository,
+    file: &WalFile,
+    options: &EncodeOptions,
+    known_to_exist: bool,
+    encode_slots: Option<&tokio::sync::Semaphore>,
+    spool: Option<&OutageSpool>,
+) -> Result<PushOutcome> {
+    let pushed = push_to_repository(repository, file, options, known_to_exist, encode_slots).await;
+    let Some(spool) = spool else {
+        return pushed;
+    };
+    match pushed {
+        Ok(outcome) => {
+            spool.remember_identity(repository);
+            Ok(outcome)
+        }
+        Err(error) if crate::outage_spool::is_outage(&error) => {
+            push_to_spool(repository, file, options, spool)
+                .await
+                .with_context(|| format!("{error:#}"))?;
+            tracing::warn!(file = %file.name, "the store is unreachable ({error:#}); kept in the outage spool until it answers");
+            Ok(PushOutcome::Spooled)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Encodes the file as the repository would store it and writes it to the outage spool,
+/// after the same cluster and keyring checks, made against the spool's copy of the identity
+/// when this process has not read it from the store.
+async fn push_to_spool(
+    repository: &Repository,
+    file: &WalFile,
+    options: &EncodeOptions,
+    spool: &OutageSpool,
+) -> Result<()> {
+    let file_name = file.name.to_string();
+    let identity = match repository.known_identity() {
+        Some(identity) => identity.clone(),
+        None => {
+            spool.adopt_identity(repository, &file_name)?;
+            repository.require_identity().await?
+        }
+    };
+    if let Some(header) = file.header {
+        check_same_cluster(&repository.url, &identity, header.system_identifier)
+            .with_context(|| format!("refusing to archive {file_name}"))?;
+    }
+    let key = Repository::wal_key(&file.name);
+    let (path, key_owned, keyring, options) = (
+        file.path.clone(),
+        key.clone(),
+        repository.keyring().cloned(),
+        options.clone(),
+    );
+    let (content, object) = tokio::task::spawn_blocking(move || {
+        crate::envelope::encode_file(&path, &key_owned, keyring.as_ref(), &options)
+    })
+    .await?
+    .with_context(|| format!("cannot read {}", file.path.display()))?;
+    spool.store(&key, &object, &content, repository)?;
+    Ok(())
+}
+
+async fn push_to_repository(
     repository: &Repository,
     file: &WalFile,
     options: &EncodeOptions,

@@ -9,6 +9,9 @@
 //! flight are bounded by a memory budget, because each holds its encoded object in memory. The daemon never marks anything `.done` itself: Postgres does that when the hook,
 //! answered by the daemon, exits 0.
 //!
+//! With an outage spool, an upload that cannot reach the store lands there instead, and the
+//! archiver moves spooled objects into the repository on every rescan until the spool is empty.
+//!
 //! After a restart the archiver lists the repository, so a file uploaded before a crash is never
 //! sent again: it is read back and compared instead, exactly as a re-push by the hook would be.
 
@@ -26,12 +29,15 @@ use crate::commands::archive_push::{self, PushOutcome};
 use crate::config::Settings;
 use crate::daemon::metrics::Metrics;
 use crate::envelope::EncodeOptions;
+use crate::outage_spool::{OutageSpool, SpoolUsage};
 use crate::repository::{Repository, WAL_PREFIX};
 use crate::wal::WalFileName;
 
 /// Memory the in-flight uploads may hold, in MiB (each holds about one encoded segment).
 const UPLOAD_MEMORY_MIB: u32 = 64;
 const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// Spooled objects moved into the repository per rescan, so one drain never runs for long.
+const SPOOL_OBJECTS_PER_RESCAN: usize = 64;
 
 type Upload = Shared<BoxFuture<'static, Result<PushOutcome, String>>>;
 
@@ -63,6 +69,8 @@ pub struct Archiver {
     encode_slots: Arc<Semaphore>,
     memory: Arc<Semaphore>,
     started: Instant,
+    spool: Option<Arc<OutageSpool>>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The archive's state for `/status` and the metrics.
@@ -79,6 +87,8 @@ pub struct ArchiveStatus {
     pub last_error: Option<String>,
     pub in_flight: usize,
     pub throughput_bytes_per_second: f64,
+    /// `None` when no outage spool is configured.
+    pub outage_spool: Option<SpoolUsage>,
 }
 
 impl Archiver {
@@ -104,6 +114,8 @@ impl Archiver {
             )),
             memory: Arc::new(Semaphore::new(UPLOAD_MEMORY_MIB as usize)),
             started: Instant::now(),
+            spool: OutageSpool::open(settings).map(Arc::new),
+            draining: Arc::default(),
         })
     }
 
@@ -174,7 +186,7 @@ impl Archiver {
         let mut state = self.state.lock().unwrap();
         state.in_flight.remove(&name);
         match &result {
-            Ok((_, length, modified)) => {
+            Ok((outcome, length, modified)) => {
                 state.durable.insert(
                     name.clone(),
                     Durable::Confirmed {
@@ -182,6 +194,10 @@ impl Archiver {
                         modified: *modified,
                     },
                 );
+                if *outcome == PushOutcome::Spooled {
+                    self.metrics.spooled_segments.inc();
+                    return Ok(*outcome);
+                }
                 state.last_archived = Some((name, SystemTime::now()));
                 state.archived_bytes += length;
                 self.metrics.archived_segments.inc();
@@ -221,6 +237,7 @@ impl Archiver {
             &self.options,
             known_to_exist,
             Some(&self.encode_slots),
+            self.spool.as_deref(),
         )
         .await
         .map_err(|error| format!("{error:#}"))?;
@@ -318,8 +335,31 @@ impl Archiver {
         };
         loop {
             self.scan();
+            self.drain_spool();
             let _ = tokio::time::timeout(RESCAN_INTERVAL, receiver.recv()).await;
         }
+    }
+
+    /// Moves spooled objects into the repository in the background, one drain at a time. A
+    /// failure means the store is still unreachable: the next rescan tries again.
+    fn drain_spool(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        let Some(spool) = self.spool.clone() else {
+            return;
+        };
+        if spool.usage().objects == 0 || self.draining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let archiver = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(error) = spool
+                .drain(&archiver.repository, SPOOL_OBJECTS_PER_RESCAN)
+                .await
+            {
+                tracing::debug!("the outage spool waits for the store: {error:#}");
+            }
+            archiver.draining.store(false, Ordering::SeqCst);
+        });
     }
 
     /// Waits for in-flight uploads to finish, up to `limit`. An abandoned upload leaves nothing
@@ -380,6 +420,7 @@ impl Archiver {
             in_flight: state.in_flight.len(),
             throughput_bytes_per_second: state.archived_bytes as f64
                 / self.started.elapsed().as_secs_f64().max(0.001),
+            outage_spool: self.spool.as_ref().map(|spool| spool.usage()),
         }
     }
 
@@ -395,6 +436,10 @@ impl Archiver {
         self.metrics
             .ready_segments
             .set(status.ready_not_archived as i64);
+        if let Some(spool) = &status.outage_spool {
+            self.metrics.outage_spool_objects.set(spool.objects as i64);
+            self.metrics.outage_spool_bytes.set(spool.bytes as i64);
+        }
         status
     }
 }

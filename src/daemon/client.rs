@@ -1,7 +1,7 @@
 //! The hooks' side of the daemon socket.
 //!
 //! One request per connection, one line each way: `push <path>` or `get <walfile> <dest>`, and
-//! the answer `ok stored`, `ok already`, `ok restored`, `missing` or `err <message>`. If no
+//! the answer `ok stored`, `ok already`, `ok spooled`, `ok restored`, `missing` or `err <message>`. If no
 //! daemon answers (no socket, refused, or it dies mid-request) the hook returns `None` and does
 //! the work itself, so the daemon only ever makes the hooks faster, never less safe.
 
@@ -26,6 +26,7 @@ pub async fn push(settings: &Settings, path: &Path) -> Result<Option<PushOutcome
     match answer.as_str() {
         "ok stored" => Ok(Some(PushOutcome::Stored)),
         "ok already" => Ok(Some(PushOutcome::AlreadyArchived)),
+        "ok spooled" => Ok(Some(PushOutcome::Spooled)),
         other => bail!("{}", other.strip_prefix("err ").unwrap_or(other)),
     }
 }

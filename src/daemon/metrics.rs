@@ -11,7 +11,8 @@ use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HookLabels {
-    /// `durable` (answered at once), `waited` (uploaded on request) or `failed`.
+    /// `durable` (answered at once), `waited` (uploaded on request), `spooled` (kept in the
+    /// outage spool while the store is unreachable) or `failed`.
     pub result: &'static str,
 }
 
@@ -28,6 +29,9 @@ pub struct Metrics {
     pub prefetch_hits: Counter,
     pub prefetch_misses: Counter,
     pub hook_requests: Family<HookLabels, Counter>,
+    pub spooled_segments: Counter,
+    pub outage_spool_objects: Gauge,
+    pub outage_spool_bytes: Gauge,
 }
 
 impl Metrics {
@@ -47,6 +51,9 @@ impl Metrics {
             prefetch_hits: Counter::default(),
             prefetch_misses: Counter::default(),
             hook_requests: Family::default(),
+            spooled_segments: Counter::default(),
+            outage_spool_objects: Gauge::default(),
+            outage_spool_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -103,6 +110,21 @@ impl Metrics {
             "pitr_hook_requests",
             "archive_command requests answered by the daemon",
             metrics.hook_requests.clone(),
+        );
+        registry.register(
+            "pitr_spooled_segments",
+            "WAL files kept in the outage spool because the store was unreachable",
+            metrics.spooled_segments.clone(),
+        );
+        registry.register(
+            "pitr_outage_spool_objects",
+            "WAL files in the outage spool, not yet in the repository",
+            metrics.outage_spool_objects.clone(),
+        );
+        registry.register(
+            "pitr_outage_spool_bytes",
+            "Bytes in the outage spool",
+            metrics.outage_spool_bytes.clone(),
         );
         Metrics {
             registry,

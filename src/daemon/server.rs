@@ -77,7 +77,13 @@ async fn push(daemon: &Daemon, path: &Path) -> String {
         return "ok already".to_string();
     }
     let upload = daemon.archiver.request(path);
-    match tokio::time::timeout(daemon.settings.store_timeout, upload).await {
+    // With an outage spool the upload first tries the store for `store_timeout`, then spools;
+    // the hook waits `store_timeout` + 5 s for the answer.
+    let limit = match daemon.settings.outage_spool {
+        Some(_) => daemon.settings.store_timeout + std::time::Duration::from_secs(3),
+        None => daemon.settings.store_timeout,
+    };
+    match tokio::time::timeout(limit, upload).await {
         Ok(Ok(PushOutcome::Stored)) => {
             hook("waited");
             "ok stored".to_string()
@@ -85,6 +91,10 @@ async fn push(daemon: &Daemon, path: &Path) -> String {
         Ok(Ok(PushOutcome::AlreadyArchived)) => {
             hook("waited");
             "ok already".to_string()
+        }
+        Ok(Ok(PushOutcome::Spooled)) => {
+            hook("spooled");
+            "ok spooled".to_string()
         }
         Ok(Err(error)) => {
             hook("failed");
@@ -95,7 +105,7 @@ async fn push(daemon: &Daemon, path: &Path) -> String {
             format!(
                 "err archiving {} did not finish within {} s; Postgres will retry",
                 path.display(),
-                daemon.settings.store_timeout.as_secs()
+                limit.as_secs()
             )
         }
     }

@@ -22,11 +22,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::Settings;
 use crate::envelope::{self, ContentSummary, Header};
-use crate::repository::{Identity, PutOutcome, Repository, RepositoryError};
+use crate::repository::{PutOutcome, Repository, RepositoryError};
 
 const IDENTITY_COPY: &str = "pitr.identity";
 
@@ -34,6 +34,9 @@ const IDENTITY_COPY: &str = "pitr.identity";
 pub struct OutageSpool {
     directory: PathBuf,
     max_bytes: u64,
+    /// Set once this process has checked or written the identity copy: a repository's identity
+    /// never changes, so the daemon's pushes need not read the copy again each time.
+    identity_remembered: std::sync::OnceLock<()>,
 }
 
 /// What the spool holds now.
@@ -50,12 +53,6 @@ pub struct SpoolUsage {
 struct SpooledObject {
     key: String,
     path: PathBuf,
-}
-
-#[derive(Serialize, Deserialize)]
-struct RememberedIdentity {
-    url: String,
-    identity: Identity,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +87,7 @@ impl OutageSpool {
         settings.outage_spool.as_ref().map(|directory| OutageSpool {
             directory: directory.clone(),
             max_bytes: settings.outage_spool_max_bytes,
+            identity_remembered: std::sync::OnceLock::new(),
         })
     }
 
@@ -100,47 +98,32 @@ impl OutageSpool {
         }
     }
 
-    /// Keeps the identity `repository` has read from the store, for hooks during an outage.
-    /// Rewritten only when it changes. Not fsynced: losing it only means a hook fails instead
-    /// of spooling, and Postgres keeps the WAL.
+    /// Keeps the identity `repository` has read from the store, for hooks during an outage
+    /// (`Repository::keep_identity_copy`), once per process: it never changes.
     pub fn remember_identity(&self, repository: &Repository) {
-        let Some(identity) = repository.known_identity() else {
-            return;
-        };
-        let copy = RememberedIdentity {
-            url: repository.url.clone(),
-            identity: identity.clone(),
-        };
-        let bytes = serde_json::to_vec(&copy).expect("an identity always serializes");
-        let path = self.directory.join(IDENTITY_COPY);
-        if std::fs::read(&path).is_ok_and(|existing| existing == bytes) {
+        if self.identity_remembered.get().is_some() {
             return;
         }
-        let temporary = self
-            .directory
-            .join(format!(".{IDENTITY_COPY}.{}", std::process::id()));
-        let written = std::fs::create_dir_all(&self.directory)
-            .and_then(|()| std::fs::write(&temporary, &bytes))
-            .and_then(|()| std::fs::rename(&temporary, &path));
-        if let Err(error) = written {
-            let _ = std::fs::remove_file(&temporary);
-            tracing::warn!(spool = %self.directory.display(), "cannot keep the repository identity in the outage spool: {error}");
+        if repository.keep_identity_copy(&self.directory.join(IDENTITY_COPY)) {
+            let _ = self.identity_remembered.set(());
+        } else if repository.known_identity().is_some() {
+            tracing::warn!(spool = %self.directory.display(), "cannot keep the repository identity in the outage spool");
         }
     }
 
     /// Makes `repository` use the identity copy, after the same checks as one read from the
     /// store (the keyring must match). Fails if there is no usable copy for this URL.
     pub fn adopt_identity(&self, repository: &Repository, name: &str) -> Result<(), SpoolError> {
-        let no_identity =
-            || SpoolError::NoIdentity(self.directory.display().to_string(), name.to_string());
-        let copy = std::fs::read(self.directory.join(IDENTITY_COPY))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<RememberedIdentity>(&bytes).ok())
-            .filter(|copy| copy.url == repository.url)
-            .ok_or_else(no_identity)?;
-        repository
-            .adopt_identity(copy.identity)
-            .map_err(|error| self.io_error(error.to_string()))
+        let adopted = repository
+            .adopt_identity_copy(&self.directory.join(IDENTITY_COPY))
+            .map_err(|error| self.io_error(error.to_string()))?;
+        if adopted {
+            return Ok(());
+        }
+        Err(SpoolError::NoIdentity(
+            self.directory.display().to_string(),
+            name.to_string(),
+        ))
     }
 
     /// Stores an encoded object under its repository key, durably and never over another.

@@ -55,36 +55,18 @@ pub struct Prefetcher {
 }
 
 /// Lets `repository` use the identity an earlier hook of this recovery read from it, so a
-/// miss or a starting worker does not spend a round trip on it. The copy names the repository
-/// URL it came from and goes through the same checks as a read from the store; any doubt
-/// about it (absent, torn, another URL, refused) means the store is asked. True if adopted.
+/// miss or a starting worker does not spend a round trip on it (see
+/// `Repository::adopt_identity_copy`). True if adopted; any doubt about the copy, a refusal
+/// included, means the store is asked.
 pub fn adopt_remembered_identity(settings: &Settings, repository: &Repository) -> bool {
-    std::fs::read(spool_of(settings).join(IDENTITY_COPY))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<RememberedIdentity>(&bytes).ok())
-        .filter(|copy| copy.url == repository.url)
-        .is_some_and(|copy| repository.adopt_identity(copy.identity).is_ok())
+    repository
+        .adopt_identity_copy(&spool_of(settings).join(IDENTITY_COPY))
+        .unwrap_or(false)
 }
 
-/// Keeps the identity `repository` has read, for `adopt_remembered_identity`. Written to a
-/// temporary name and renamed, so a reader sees all of it or nothing; not fsynced, because
-/// losing it only costs the next hook a round trip.
+/// Keeps the identity `repository` has read, for `adopt_remembered_identity`.
 pub fn remember_identity(settings: &Settings, repository: &Repository) {
-    let Some(identity) = repository.known_identity() else {
-        return;
-    };
-    let copy = RememberedIdentity {
-        url: repository.url.clone(),
-        identity: identity.clone(),
-    };
-    let spool = spool_of(settings);
-    let temporary = spool.join(format!("{IDENTITY_COPY}.{}", std::process::id()));
-    let written = std::fs::create_dir_all(&spool)
-        .and_then(|()| std::fs::write(&temporary, serde_json::to_vec(&copy)?))
-        .and_then(|()| std::fs::rename(&temporary, spool.join(IDENTITY_COPY)));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
+    repository.keep_identity_copy(&spool_of(settings).join(IDENTITY_COPY));
 }
 
 fn spool_of(settings: &Settings) -> PathBuf {
@@ -104,12 +86,6 @@ pub fn clear_leftover_spool(settings: &Settings) {
 
 fn worker_holds_lock(spool: &Path) -> bool {
     std::fs::File::open(spool.join(WORKER_LOCK)).is_ok_and(|lock| lock.try_lock_shared().is_err())
-}
-
-#[derive(Serialize, serde::Deserialize)]
-struct RememberedIdentity {
-    url: String,
-    identity: crate::repository::Identity,
 }
 
 #[derive(Debug, Serialize)]

@@ -55,6 +55,13 @@ pub struct Identity {
     pub created: String,
 }
 
+/// A local copy of a repository's identity, naming the repository it came from.
+#[derive(Serialize, Deserialize)]
+struct IdentityCopy {
+    url: String,
+    identity: Identity,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EncryptionIdentity {
     pub cipher: String,
@@ -243,6 +250,47 @@ impl Repository {
         self.check_keyring(&identity)?;
         let _ = self.identity.set(identity);
         Ok(())
+    }
+
+    /// Keeps a local copy at `path` of the identity this process has read, for later processes
+    /// to adopt (`adopt_identity_copy`). Written to a temporary name and renamed, so a reader
+    /// sees all of it or nothing, and only when it differs from what is there. Not fsynced:
+    /// losing the copy only means the next process asks the store. False if nothing is known
+    /// yet or the write failed.
+    pub fn keep_identity_copy(&self, path: &FsPath) -> bool {
+        let Some(identity) = self.known_identity() else {
+            return false;
+        };
+        let copy = IdentityCopy {
+            url: self.url.clone(),
+            identity: identity.clone(),
+        };
+        let bytes = serde_json::to_vec(&copy).expect("an identity always serializes");
+        if std::fs::read(path).is_ok_and(|existing| existing == bytes) {
+            return true;
+        }
+        let file_name = path.file_name().unwrap_or_default().to_string_lossy();
+        let temporary = path.with_file_name(format!(".{file_name}.{}", std::process::id()));
+        let written = std::fs::create_dir_all(path.parent().unwrap_or(FsPath::new(".")))
+            .and_then(|()| std::fs::write(&temporary, &bytes))
+            .and_then(|()| std::fs::rename(&temporary, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temporary);
+        }
+        written.is_ok()
+    }
+
+    /// Adopts the copy `keep_identity_copy` left at `path`, with the checks of `adopt_identity`
+    /// (whose refusal is the error). False if there is no usable copy (absent, torn, another URL).
+    pub fn adopt_identity_copy(&self, path: &FsPath) -> Result<bool, RepositoryError> {
+        let copy = std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<IdentityCopy>(&bytes).ok())
+            .filter(|copy| copy.url == self.url);
+        match copy {
+            Some(copy) => self.adopt_identity(copy.identity).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// The identity this process has read or adopted, if any; never asks the store.

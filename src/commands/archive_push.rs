@@ -157,10 +157,7 @@ async fn push_to_spool(
             repository.require_identity().await?
         }
     };
-    if let Some(header) = file.header {
-        check_same_cluster(&repository.url, &identity, header.system_identifier)
-            .with_context(|| format!("refusing to archive {file_name}"))?;
-    }
+    refuse_other_cluster(repository, &identity, file)?;
     let key = Repository::wal_key(&file.name);
     let (path, key_owned, keyring, options) = (
         file.path.clone(),
@@ -174,6 +171,19 @@ async fn push_to_spool(
     .await?
     .with_context(|| format!("cannot read {}", file.path.display()))?;
     spool.store(&key, &object, &content, repository)?;
+    Ok(())
+}
+
+/// A segment's header names the cluster that wrote it; it must be the repository's.
+fn refuse_other_cluster(
+    repository: &Repository,
+    identity: &Identity,
+    file: &WalFile,
+) -> Result<()> {
+    if let Some(header) = file.header {
+        check_same_cluster(&repository.url, identity, header.system_identifier)
+            .with_context(|| format!("refusing to archive {}", file.name))?;
+    }
     Ok(())
 }
 
@@ -197,10 +207,7 @@ async fn push_to_repository(
         }
         None => repository.require_identity().await?,
     };
-    if let Some(header) = file.header {
-        check_same_cluster(&repository.url, &identity, header.system_identifier)
-            .with_context(|| format!("refusing to archive {file_name}"))?;
-    }
+    refuse_other_cluster(repository, &identity, file)?;
     let key = Repository::wal_key(&file.name);
     let content = if known_to_exist || repository.exists_locally(&key) {
         let path = file.path.clone();

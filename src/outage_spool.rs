@@ -220,6 +220,11 @@ impl OutageSpool {
         crate::durable::sync_parent_directory(directory)
     }
 
+    /// Whether the spool holds an object under `key`, waiting for the repository.
+    pub fn holds(&self, key: &str) -> bool {
+        self.directory.join(key).is_file()
+    }
+
     /// Restores the spooled copy of `key` at `destination`, verified, as archive-get does
     /// from the repository. False if the spool does not hold it.
     pub fn restore(
@@ -348,4 +353,71 @@ pub fn is_outage(error: &anyhow::Error) -> bool {
             Some(RepositoryError::Unreachable { .. })
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GlobalOptions;
+
+    const MIB: usize = 1 << 20;
+
+    fn spool_and_repository(root: &Path, max_bytes: u64) -> (OutageSpool, Repository) {
+        let options = GlobalOptions {
+            repo: Some(format!("file://{}", root.join("repo").display())),
+            ..Default::default()
+        };
+        let settings = Settings::resolve(&options).unwrap();
+        let spool = OutageSpool {
+            directory: root.join("spool"),
+            max_bytes,
+            identity_remembered: std::sync::OnceLock::new(),
+        };
+        (spool, Repository::open(&settings).unwrap())
+    }
+
+    fn object_of(length: usize, fill: u8) -> (Vec<Bytes>, ContentSummary) {
+        let bytes = vec![fill; length];
+        let content = ContentSummary::of_bytes(&bytes);
+        (vec![Bytes::from(bytes)], content)
+    }
+
+    #[test]
+    fn a_full_spool_refuses_the_next_object_and_writes_nothing_of_it() {
+        let root = tempfile::tempdir().unwrap();
+        let (spool, repository) = spool_and_repository(root.path(), 3 * MIB as u64);
+        let (first, first_content) = object_of(2 * MIB, 1);
+        spool
+            .store(
+                "wal/00000001/000000010000000000000001",
+                &first,
+                &first_content,
+                &repository,
+            )
+            .unwrap();
+        let (second, second_content) = object_of(2 * MIB, 2);
+        let error = spool
+            .store(
+                "wal/00000001/000000010000000000000002",
+                &second,
+                &second_content,
+                &repository,
+            )
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "the store is unreachable and the outage spool {} is full (2 of 3 MiB); Postgres keeps the WAL and retries: restore the store, or raise PITR_OUTAGE_SPOOL_MAX_MB",
+                spool.directory.display()
+            )
+        );
+        let entries: Vec<_> = std::fs::read_dir(spool.directory.join("wal/00000001"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(entries, ["000000010000000000000001"]);
+        let usage = spool.usage();
+        assert_eq!((usage.objects, usage.bytes), (1, 2 * MIB as u64));
+        assert_eq!(usage.oldest.as_deref(), Some("000000010000000000000001"));
+    }
 }

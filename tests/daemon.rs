@@ -319,6 +319,26 @@ fn an_outage_spool_keeps_archiving_while_the_store_is_down_and_drains_after() {
         stderr_of(&output)
     );
 
+    // A restore_command without the daemon, the store still down, restores a segment archived
+    // during the outage from the spool, checking the cluster against the spool's identity copy
+    // instead of asking the store.
+    let during_outage = primary.sql("select last_archived_wal from pg_stat_archiver");
+    let restored = workspace.path("restored-during-outage");
+    let output = workspace.pitr(
+        &direct,
+        &["archive-get", &during_outage, restored.to_str().unwrap()],
+    );
+    assert!(
+        output.status.success(),
+        "direct get during the outage: {}",
+        stderr_of(&output)
+    );
+    assert!(
+        std::fs::read(&restored).unwrap()
+            == std::fs::read(primary_data.join("pg_wal").join(&during_outage)).unwrap(),
+        "{during_outage} restored from the spool differs"
+    );
+
     // Back up: the daemon moves everything into the repository and empties the spool.
     let _s3 = s3.restart();
     let started = std::time::Instant::now();

@@ -33,15 +33,12 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
         return Ok(outcome);
     }
     let repository = Arc::new(Repository::open(settings)?);
-    if settings.prefetch_segments == 0 {
+    let outage_spool = OutageSpool::open(settings);
+    let held_by_outage_spool =
+        adopt_outage_spool_identity(outage_spool.as_ref(), &repository, &name);
+    if settings.prefetch_segments == 0 || held_by_outage_spool {
         check_cluster(settings, &repository, wal_file).await?;
-        return fetch_or_spooled(
-            OutageSpool::open(settings).as_ref(),
-            &repository,
-            &name,
-            &destination,
-        )
-        .await;
+        return fetch_or_spooled(outage_spool.as_ref(), &repository, &name, &destination).await;
     }
     let prefetcher = Prefetcher::new(settings, Arc::clone(&repository), Arc::new(Metrics::new()));
     // A spooled copy was fetched and verified by a worker that a hook started here only after
@@ -61,13 +58,7 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
         if !adopted {
             crate::prefetch::remember_identity(settings, &repository);
         }
-        fetch_or_spooled(
-            OutageSpool::open(settings).as_ref(),
-            &repository,
-            &name,
-            &destination,
-        )
-        .await?
+        fetch_or_spooled(outage_spool.as_ref(), &repository, &name, &destination).await?
     };
     if let (GetOutcome::Restored, WalFileName::Segment(segment)) = (outcome, name) {
         // A running worker picks the request up by itself; starting another would only exit.
@@ -77,6 +68,21 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
         }
     }
     Ok(outcome)
+}
+
+/// For a file the outage spool holds, makes `repository` use the identity the spool kept, so
+/// that restoring it asks the store nothing: the store may still be down, and until the daemon
+/// moves the file, the spool holds its only copy. True if the spool holds the file and its
+/// identity copy was adopted.
+fn adopt_outage_spool_identity(
+    spool: Option<&OutageSpool>,
+    repository: &Repository,
+    name: &WalFileName,
+) -> bool {
+    spool.is_some_and(|spool| {
+        spool.holds(&Repository::wal_key(name))
+            && spool.adopt_identity(repository, &name.to_string()).is_ok()
+    })
 }
 
 /// Starts `pitr prefetch-worker` in the background to fill the spool with the segments after

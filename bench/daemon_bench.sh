@@ -12,11 +12,14 @@
 #            pgbr-async  archive-async=y process-max=2 zst-1 aes-256-cbc spool-path
 #            pitr-c2     pitr daemon, archive_concurrency=2 (= process-max), compression_threads=0
 #            pitr-c<HI>  the same with archive_concurrency=CONC_HI (default 8): the RSS check
+#            walrus-c2   (with WALRUS_BIN) WAL-RUS's daemon, WALG_UPLOAD_CONCURRENCY=2, zstd level
+#                        1, libsodium encryption; hooks `walrus daemon-client wal-push`
 #          every run starts from an empty repository; the object count is checked after each run
 #   get    one archive-get per segment into an empty directory (same filesystem as pg_wal):
 #            pgbr-async  archive-async=y process-max=2 archive-get-queue-max=1GiB
 #            pitr-c2     daemon on a fresh stage PGDATA, prefetch=PREFETCH, concurrency 2
 #            pitr-c<HI>  the same with concurrency CONC_HI
+#            walrus-c2   WAL-RUS's daemon, WALG_DOWNLOAD_CONCURRENCY=2 (its in-process prefetch)
 #          timed from daemon start / first hook to the last hook; run 1 is checked with cmp
 #   lat    archive-push of an already-archived segment, LAT_CALLS calls (+1 warm-up dropped):
 #          pitr through the daemon, pitr without daemon (direct), pgBackRest async; and the
@@ -40,6 +43,8 @@
 #                               layout); pairs whose corpus is missing are skipped with a note
 #   REPOS=local                 "local", "s3" or "local s3"
 #   PITR_BIN=target/release/pitr   copied into WORK before anything is timed
+#   WALRUS_BIN=                 WAL-RUS's `walrus` binary (`cargo install wal-rus --version 0.4.1`);
+#                               unset: WAL-RUS is not run
 #   RUNS=3  LAT_CALLS=50  CONC=2  CONC_HI=8  PREFETCH=16
 #   HTTP_ADDR=127.0.0.1:19851   the daemon's HTTP API (for /status and /metrics)
 #   S3_PORT=19700 PROXY_PORT=19701 TLS_PORT=19702 DELAY_MS=10
@@ -59,6 +64,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 CORPORA=${CORPORA:-pgbench:/tmp/bl realistic:/tmp/bl2}
 REPOS=${REPOS:-local}
 PITR_BIN=${PITR_BIN:-$ROOT/target/release/pitr}
+WALRUS_BIN=${WALRUS_BIN:-}
 RUNS=${RUNS:-3}
 LAT_CALLS=${LAT_CALLS:-50}
 CONC=${CONC:-2}
@@ -68,6 +74,7 @@ HTTP_ADDR=${HTTP_ADDR:-127.0.0.1:19851}
 WORK=${WORK:-/tmp/pitr-bench/dwork}
 OUTDIR=${OUTDIR:-/tmp/pitr-bench/daemon-results}
 CIPHER_PASS=${CIPHER_PASS:-bench-passphrase-0123456789abcdef}
+WALRUS_KEY=${WALRUS_KEY:-$(openssl rand -hex 32)}   # WAL-RUS's libsodium key (32 bytes, hex)
 PY=/usr/bin/python3
 
 STAGE=$WORK/stage          # push PGDATA: global/pg_control, PG_VERSION, pg_wal/ (+ .ready)
@@ -117,6 +124,7 @@ HZ=$(getconf CLK_TCK)
 [ "$(id -u)" = 0 ] || die "run as root (hooks and daemon run as postgres through runuser)"
 for c in pgbackrest zstd curl openssl; do command -v $c >/dev/null || die "$c is not installed"; done
 [ -x "$PITR_BIN" ] || die "no pitr binary at $PITR_BIN (set PITR_BIN)"
+[ -z "$WALRUS_BIN" ] || [ -x "$WALRUS_BIN" ] || die "no walrus binary at $WALRUS_BIN (unset WALRUS_BIN to skip WAL-RUS)"
 case " $REPOS " in *" s3 "*)
   command -v s3s-fs >/dev/null || die "s3s-fs is not installed (cargo install s3s-fs --features binary)"
   command -v stunnel4 >/dev/null || die "stunnel4 is not installed";;
@@ -127,6 +135,7 @@ PITR=$WORK/bin/pitr
 if [ "${SUMMARY_ONLY:-0}" != 1 ]; then
 rm -rf "$WORK"; mkdir -p "$WORK/bin" "$RUN" "$OUTDIR"
 install -m 755 "$PITR_BIN" "$WORK/bin/pitr"     # rebuilds during the run don't change what is measured
+[ -z "$WALRUS_BIN" ] || install -m 755 "$WALRUS_BIN" "$WORK/bin/walrus"
 chown postgres: "$WORK" "$RUN"
 : >"$RES"; : >"$DRES"; : >"$LRES"; : >"$OUTDIR/bench.log"; : >"$OUTDIR/sizes.txt"
 as_pg "$PITR" keygen --output "$WORK/keyring" >/dev/null
@@ -135,17 +144,21 @@ fi
 cat >"$WORK/driver.sh" <<'EOF'
 #!/usr/bin/env bash
 # driver.sh MODE LIST PGDATA HOOK-CMD...   (runs as postgres, cwd = PGDATA, like Postgres)
+# The hook's verbs are PUSH_VERB (archive-push) and GET_VERB (archive-get): WAL-RUS's client
+# says wal-push / wal-fetch.
 set -euo pipefail
 mode=$1 list=$2 dir=$3; shift 3
+push_verb=${PUSH_VERB:-archive-push} get_verb=${GET_VERB:-archive-get}
 cd "$dir"
 case $mode in
-  push)  # archive_command, then .ready -> .done as the archiver does on success
+  push)  # archive_command, then .ready -> .done as the archiver does on success (WAL-RUS renames
+         # it itself, and the archiver, like this driver, skips a .ready file that is gone)
     while read -r s; do
-      "$@" archive-push "pg_wal/$s" || { echo "archive-push pg_wal/$s failed" >&2; exit 1; }
-      mv "pg_wal/archive_status/$s.ready" "pg_wal/archive_status/$s.done"
+      "$@" "$push_verb" "pg_wal/$s" || { echo "$push_verb pg_wal/$s failed" >&2; exit 1; }
+      [ ! -e "pg_wal/archive_status/$s.ready" ] || mv "pg_wal/archive_status/$s.ready" "pg_wal/archive_status/$s.done"
     done <"$list" ;;
   get)   dest=$1; shift   # restore_command
-    while read -r s; do "$@" archive-get "$s" "$dest/$s" || { echo "archive-get $s failed" >&2; exit 1; }; done <"$list" ;;
+    while read -r s; do "$@" "$get_verb" "$s" "$dest/$s" || { echo "$get_verb $s failed" >&2; exit 1; }; done <"$list" ;;
   lat)   # LIST is a count: run "$@" that many times, print each call's wall seconds and exit
     # status ($EPOCHREALTIME: no timer process; every row, floors included, pays the same fork+exec)
     for _ in $(seq 1 "$list"); do
@@ -340,6 +353,54 @@ daemon_snapshot() {   # LABEL RUN: VmHWM (-> SNAP_RSS_MIB), CPU, /metrics, /stat
   SNAP_RSS_MIB=$((hwm / 1024))
 }
 
+# WAL-RUS's daemon (wal-g's model and variable names): one process per PGDATA on a Unix socket,
+# look-ahead uploads of .ready files (WALG_UPLOAD_CONCURRENCY) and in-process prefetch
+# (WALG_DOWNLOAD_CONCURRENCY); WALG_PREVENT_WAL_OVERWRITE=true, the safe setting that pitr and
+# pgBackRest always have (an existing name is compared, never overwritten).
+walrus_env() {   # KIND PGDATA: the daemon's environment, as VAR=value words
+  local kind=$1 pgdata=$2
+  echo PGDATA="$pgdata" WALG_COMPRESSION_METHOD=zstd WALG_COMPRESSION_LEVEL=1 \
+    WALG_LIBSODIUM_KEY="$WALRUS_KEY" WALG_LIBSODIUM_KEY_TRANSFORM=hex WALG_PREVENT_WAL_OVERWRITE=true \
+    WALG_UPLOAD_CONCURRENCY="$CONC" WALG_DOWNLOAD_CONCURRENCY="$CONC"
+  if [ "$kind" = local ]; then
+    echo WALG_FILE_PREFIX="$WORK/walrus-repo"
+  else
+    echo WALG_S3_PREFIX="s3://$BUCKET/walrus" AWS_ENDPOINT="http://127.0.0.1:$PROXY_PORT" \
+      AWS_ACCESS_KEY_ID="$S3_AK" AWS_SECRET_ACCESS_KEY="$S3_SK" AWS_REGION=us-east-1 AWS_S3_FORCE_PATH_STYLE=true
+  fi
+}
+walrus_dir() { if [ "$1" = local ]; then echo "$WORK/walrus-repo"; else echo "$S3DATA/$BUCKET/walrus"; fi; }
+fresh_walrus_repo() { if [ "$1" = local ]; then fresh_dir "$WORK/walrus-repo"; else s3_rm_prefix walrus; fi; }
+walrus_objects() { find "$(walrus_dir "$1")" -type f 2>/dev/null | grep -cE '/[0-9A-F]{24}\.zst$' || true; }
+walrus_bytes() { find "$(walrus_dir "$1")" -type f | grep -E '/[0-9A-F]{24}\.zst$' | xargs stat -c %s | awk '{s+=$1} END{print s}'; }
+start_walrus() {   # KIND PGDATA LOG: start as postgres, wait until the socket exists
+  local kind=$1 pgdata=$2 logf=$3 i
+  WALRUS_SOCK=$pgdata/walrus.sock
+  rm -f "$RUN/daemon.pid" "$WALRUS_SOCK"
+  # shellcheck disable=SC2046
+  runuser -u postgres -- env $(walrus_env "$kind" "$pgdata") sh -c 'echo $$ >"$1"; exec "$2" daemon --socket "$3"' sh \
+    "$RUN/daemon.pid" "$WORK/bin/walrus" "$WALRUS_SOCK" >>"$logf" 2>&1 &
+  DAEMON_JOB=$!
+  for i in $(seq 1 2000); do
+    [ -S "$WALRUS_SOCK" ] && [ -s "$RUN/daemon.pid" ] && break
+    kill -0 "$DAEMON_JOB" 2>/dev/null || { cat "$logf" >&2; die "walrus exited at start (log above)"; }
+    sleep 0.005
+  done
+  [ -S "$WALRUS_SOCK" ] || die "no walrus socket at $WALRUS_SOCK after 10 s (log: $logf)"
+  DAEMON_PID=$(cat "$RUN/daemon.pid")
+  rm -f "$RUN/rss" "$RUN/rss.stop"
+  "$PY" "$WORK/rss_sampler.py" "$DAEMON_PID" "$RUN/rss" &
+  SAMPLER_PID=$!
+}
+walrus_snapshot() {   # LABEL RUN: VmHWM and CPU of the running WAL-RUS daemon (no metrics)
+  local hwm cpu
+  stop_sampler
+  hwm=$(awk '/^VmHWM:/{print $2}' "/proc/$DAEMON_PID/status")
+  cpu=$(awk -v hz="$HZ" '{print ($14+$15)/hz}' "/proc/$DAEMON_PID/stat")
+  printf '%s\t%s\t%s\t%s\t-\t-\t-\t-\t-\t%s\n' "$1" "$2" "$hwm" "$cpu" "${PEAKS// /$'\t'}" >>"$DRES"
+  SNAP_RSS_MIB=$((hwm / 1024))
+}
+
 # timed window: tstart / tstop around a phase; records wall and machine-wide CPU
 T0= C0= B0=0
 tstart() { wait_idle; B0=0; busy && B0=1; C0=$(cpu_ticks); T0=$EPOCHREALTIME; }
@@ -354,7 +415,8 @@ tstop() {   # LABEL RUN
 }
 run_driver() {   # LABEL DRIVER-ARGS...: as postgres; failure shows the log
   local label=$1; shift
-  if ! runuser -u postgres -- "$DRIVER" "$@" 2>>"$OUTDIR/bench.log"; then
+  if ! runuser -u postgres -- env PUSH_VERB="${PUSH_VERB:-archive-push}" GET_VERB="${GET_VERB:-archive-get}" \
+      "$DRIVER" "$@" 2>>"$OUTDIR/bench.log"; then
     tail -20 "$OUTDIR/bench.log" >&2; die "$label failed (see $OUTDIR/bench.log)"
   fi
 }
@@ -418,6 +480,28 @@ push_pitr() {   # KIND CONC RUN [keep]: with "keep" the daemon stays up (for the
   [ "${4:-}" = keep ] || stop_daemon
   n=$(pitr_objects "$kind" "$c"); [ "$n" -eq "$NSEG" ] || die "$label: pitr stored $n of $NSEG segments"
   log "$label #$r: ${LAST_WALL}s $(mibs "$LAST_WALL") MiB/s, daemon peak RSS ${rss} MiB"
+}
+push_walrus() {   # KIND RUN
+  local kind=$1 r=$2 label=$TAG-$1-push-walrus-c$CONC n
+  stage_pgdata "$STAGE" ready; fresh_walrus_repo "$kind"; sync
+  tstart
+  start_walrus "$kind" "$STAGE" "$OUTDIR/daemon-$label.log"
+  PUSH_VERB=wal-push run_driver "$label" push "$SEGS" "$STAGE" "$WORK/bin/walrus" daemon-client --socket "$WALRUS_SOCK"
+  tstop "$label" "$r"
+  walrus_snapshot "$label" "$r"; stop_daemon
+  n=$(walrus_objects "$kind"); [ "$n" -eq "$NSEG" ] || die "$label: WAL-RUS stored $n of $NSEG segments"
+  log "$label #$r: ${LAST_WALL}s $(mibs "$LAST_WALL") MiB/s, daemon peak RSS ${SNAP_RSS_MIB} MiB"
+}
+get_walrus() {   # KIND RUN
+  local kind=$1 r=$2 label=$TAG-$1-get-walrus-c$CONC
+  stage_pgdata "$GSTAGE"; fresh_dir "$GETDIR"; sync
+  tstart
+  start_walrus "$kind" "$GSTAGE" "$OUTDIR/daemon-$label.log"
+  GET_VERB=wal-fetch run_driver "$label" get "$SEGS" "$GSTAGE" "$GETDIR" "$WORK/bin/walrus" daemon-client --socket "$WALRUS_SOCK"
+  tstop "$label" "$r"
+  walrus_snapshot "$label" "$r"; stop_daemon
+  [ "$r" = 1 ] && verify_get "$label"
+  log "$label #$r: ${LAST_WALL}s $(mibs "$LAST_WALL") MiB/s, daemon peak RSS ${SNAP_RSS_MIB} MiB"
 }
 verify_get() {   # LABEL
   local s bad=0
@@ -509,10 +593,12 @@ for spec in $CORPORA; do
       push_pgbr "$kind" "$r"
       push_pitr "$kind" "$CONC_HI" "$r"
       push_limits "$r"
+      [ -z "$WALRUS_BIN" ] || push_walrus "$kind" "$r"
       if [ "$r" = "$RUNS" ]; then push_pitr "$kind" "$CONC" "$r" keep; else push_pitr "$kind" "$CONC" "$r"; fi
     done
     echo "$TAG $kind pgbr-async bytes $(pgbr_bytes "$kind")" >>"$OUTDIR/sizes.txt"
     echo "$TAG $kind pitr bytes $(pitr_bytes "$kind" "$CONC")" >>"$OUTDIR/sizes.txt"
+    [ -z "$WALRUS_BIN" ] || echo "$TAG $kind walrus bytes $(walrus_bytes "$kind")" >>"$OUTDIR/sizes.txt"
     latency "$kind"
     if [ "$FIRST" = 1 ]; then floors; FIRST=0; fi
     log "[$TAG/$kind] get: $RUNS runs (pgBackRest async p2, pitr daemon prefetch=$PREFETCH c$CONC, c$CONC_HI)"
@@ -520,6 +606,7 @@ for spec in $CORPORA; do
       get_pgbr "$kind" "$r"
       get_pitr "$kind" "$CONC" "$r"
       get_pitr "$kind" "$CONC_HI" "$r"
+      [ -z "$WALRUS_BIN" ] || get_walrus "$kind" "$r"
       get_limits "$r"
     done
     rm -rf "$GETDIR"
@@ -545,6 +632,7 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
   echo "$("$PITR" --version) (sha256 $(sha256sum "$PITR" | cut -c1-12)); $(pgbackrest version); runs=$RUNS (medians)"
   echo "pgBackRest: archive-async=y process-max=2 zst-1 aes-256-cbc spool-path.  pitr daemon: archive_concurrency=c, compression_level=1,"
   echo "compression_threads=0, keyring (AES-256-GCM), prefetch=$PREFETCH.  S3 (if run): s3s-fs on loopback, +${DELAY_MS} ms each way (20 ms RTT at ${DELAY_MS})."
+  ! grep -q -- '-walrus-' "$RES" || echo "WAL-RUS $("$WORK/bin/walrus" --version 2>/dev/null | head -1): daemon, WALG_UPLOAD/DOWNLOAD_CONCURRENCY=$CONC, zstd level 1, libsodium, WALG_PREVENT_WAL_OVERWRITE=true."
   [ -n "${DAEMON_ENV:-}" ] && echo "NOTE: the daemon ran with DAEMON_ENV=$DAEMON_ENV (a what-if run, not the default setup)"
   [ "$WAITED_S" -gt 0 ] && echo "note: waited $WAITED_S s in total for the machine to be idle before timed phases"
   [ "$BUSY_SEEN" = 1 ] && echo "WARNING: another workload ($BUSY_PROCS) ran during some measurements (see the log, busy column of results.tsv); figures are pessimistic"
@@ -563,11 +651,16 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
       for op in push get; do
         base=$(rate "$TAG-$kind-$op-pgbr-async")
         lim=$z2; [ "$op" = get ] && lim=$cp
-        for tool in pgbr-async "pitr-c$CONC" "pitr-c$CONC_HI"; do
+        for tool in pgbr-async "pitr-c$CONC" "pitr-c$CONC_HI" "walrus-c$CONC"; do
           l=$TAG-$kind-$op-$tool
           m=$(med "$RES" "$l" 3); [ "$m" = NA ] && continue
           v=$(rate "$l")
           rss=-; hm=-; af=-; dc=-
+          case $tool in walrus*)
+            dc=$(med "$DRES" "$l" 4)
+            rss=$(awk -v k="$(maxcol "$l" 3)" 'BEGIN{printf "%.0f", k/1024}')
+            af=$(awk -v a="$(maxcol "$l" 11)" -v f="$(maxcol "$l" 12)" 'BEGIN{printf "%.0f/%.0f", a/1024, f/1024}');;
+          esac
           case $tool in pitr*)
             dc=$(med "$DRES" "$l" 4)
             rss=$(awk -v k="$(maxcol "$l" 3)" 'BEGIN{printf "%.0f", k/1024}')
@@ -579,7 +672,7 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
             "$( [ "$kind" = local ] && awk -v a="$v" -v b="$lim" 'BEGIN{printf "%.0f%%", 100*a/b}' || echo -)" "$hm"
         done
       done
-      echo "$kind repository bytes: pgBackRest $(awk -v t="$TAG" -v k="$kind" '$1==t && $2==k && $3=="pgbr-async"{print $5}' "$OUTDIR/sizes.txt"), pitr $(awk -v t="$TAG" -v k="$kind" '$1==t && $2==k && $3=="pitr"{print $5}' "$OUTDIR/sizes.txt")"
+      echo "$kind repository bytes: pgBackRest $(awk -v t="$TAG" -v k="$kind" '$1==t && $2==k && $3=="pgbr-async"{print $5}' "$OUTDIR/sizes.txt"), pitr $(awk -v t="$TAG" -v k="$kind" '$1==t && $2==k && $3=="pitr"{print $5}' "$OUTDIR/sizes.txt")$(awk -v t="$TAG" -v k="$kind" '$1==t && $2==k && $3=="walrus"{print ", WAL-RUS " $5}' "$OUTDIR/sizes.txt")"
     done
     echo
     printf '%-34s %8s %8s %8s %7s\n' "hook latency, archived segment" p50_ms p99_ms max_ms failed

@@ -562,11 +562,17 @@ latency() {   # KIND: the stage and pitr-c$CONC repository of the last push run,
   # shellcheck disable=SC2046
   lat "$TAG-$kind-lat-pgbr-async" "$STAGE" $(PGBR) archive-push "$p"
   pgbr_wait_idle
+  if [ -n "$WALRUS_BIN" ]; then   # its repository of the last walrus push run holds the segment
+    start_walrus "$kind" "$STAGE" "$OUTDIR/daemon-$TAG-$kind-lat-walrus.log"
+    WAIT_LOAD=0 lat "$TAG-$kind-lat-walrus-daemon" "$STAGE" "$WORK/bin/walrus" daemon-client --socket "$WALRUS_SOCK" wal-push "$p"
+    stop_daemon
+  fi
 }
 floors() {
   lat floor-true "$STAGE" /bin/true
   lat floor-pitr-version "$STAGE" "$PITR" --version
   lat floor-pgbackrest-version "$STAGE" pgbackrest version
+  [ -z "$WALRUS_BIN" ] || lat floor-walrus-version "$STAGE" "$WORK/bin/walrus" --version
 }
 
 # ---------------------------------------------------------------- main loop
@@ -677,14 +683,16 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
     echo
     printf '%-34s %8s %8s %8s %7s\n' "hook latency, archived segment" p50_ms p99_ms max_ms failed
     for kind in $REPOS; do
-      for l in "$TAG-$kind-lat-pitr-daemon" "$TAG-$kind-lat-pitr-direct" "$TAG-$kind-lat-pgbr-async"; do
+      for l in "$TAG-$kind-lat-pitr-daemon" "$TAG-$kind-lat-pitr-direct" "$TAG-$kind-lat-pgbr-async" "$TAG-$kind-lat-walrus-daemon"; do
+        grep -q "^$l"$'\t' "$LRES" || continue
         printf '%-34s %8s %8s %8s %7s\n' "$l" "$(pct "$l" 50)" "$(pct "$l" 99)" "$(pct "$l" 100)" \
           "$(awk -F'\t' -v l="$l" '$1==l && $4!="" && $4+0!=0{n++} END{print n+0}' "$LRES")"
       done
     done
   done
   echo
-  for l in floor-true floor-pitr-version floor-pgbackrest-version; do
+  for l in floor-true floor-pitr-version floor-pgbackrest-version floor-walrus-version; do
+    grep -q "^$l"$'\t' "$LRES" || continue
     printf '%-34s %8s %8s %8s\n' "$l" "$(pct "$l" 50)" "$(pct "$l" 99)" "$(pct "$l" 100)"
   done
   echo

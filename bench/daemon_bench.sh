@@ -303,19 +303,23 @@ open(out, "w").write(f"{peak['VmRSS']} {peak['RssAnon']} {peak['RssFile']}\n")
 EOF
 DAEMON_PID= SAMPLER_PID=
 start_daemon() {   # CONF LOG: start as postgres, wait until the hook socket exists
-  local conf=$1 logf=$2 pgdata sock i
+  local conf=$1 logf=$2 pgdata sock
   pgdata=$(sed -n "s/^pgdata = '\(.*\)'$/\1/p" "$conf"); sock=$pgdata/pitr.sock
   rm -f "$RUN/daemon.pid"
   # shellcheck disable=SC2086
   env ${DAEMON_ENV:-} runuser -u postgres -- sh -c 'echo $$ >"$1"; exec "$2" --config "$3" daemon' sh \
     "$RUN/daemon.pid" "$PITR" "$conf" >>"$logf" 2>&1 &
   DAEMON_JOB=$!
+  await_daemon "$sock" "$logf"
+}
+await_daemon() {   # SOCK LOG: wait for the socket and pid file of DAEMON_JOB, then sample its memory
+  local sock=$1 logf=$2 i
   for i in $(seq 1 2000); do
     [ -S "$sock" ] && [ -s "$RUN/daemon.pid" ] && break
     kill -0 "$DAEMON_JOB" 2>/dev/null || { cat "$logf" >&2; die "the daemon exited at start (log above)"; }
     sleep 0.005
   done
-  [ -S "$sock" ] || die "no hook socket at $sock after 10 s (log: $logf)"
+  [ -S "$sock" ] || die "no socket at $sock after 10 s (log: $logf)"
   DAEMON_PID=$(cat "$RUN/daemon.pid")
   rm -f "$RUN/rss" "$RUN/rss.stop"
   "$PY" "$WORK/rss_sampler.py" "$DAEMON_PID" "$RUN/rss" &
@@ -374,23 +378,14 @@ fresh_walrus_repo() { if [ "$1" = local ]; then fresh_dir "$WORK/walrus-repo"; e
 walrus_objects() { find "$(walrus_dir "$1")" -type f 2>/dev/null | grep -cE '/[0-9A-F]{24}\.zst$' || true; }
 walrus_bytes() { find "$(walrus_dir "$1")" -type f | grep -E '/[0-9A-F]{24}\.zst$' | xargs stat -c %s | awk '{s+=$1} END{print s}'; }
 start_walrus() {   # KIND PGDATA LOG: start as postgres, wait until the socket exists
-  local kind=$1 pgdata=$2 logf=$3 i
+  local kind=$1 pgdata=$2 logf=$3
   WALRUS_SOCK=$pgdata/walrus.sock
   rm -f "$RUN/daemon.pid" "$WALRUS_SOCK"
   # shellcheck disable=SC2046
   runuser -u postgres -- env $(walrus_env "$kind" "$pgdata") sh -c 'echo $$ >"$1"; exec "$2" daemon --socket "$3"' sh \
     "$RUN/daemon.pid" "$WORK/bin/walrus" "$WALRUS_SOCK" >>"$logf" 2>&1 &
   DAEMON_JOB=$!
-  for i in $(seq 1 2000); do
-    [ -S "$WALRUS_SOCK" ] && [ -s "$RUN/daemon.pid" ] && break
-    kill -0 "$DAEMON_JOB" 2>/dev/null || { cat "$logf" >&2; die "walrus exited at start (log above)"; }
-    sleep 0.005
-  done
-  [ -S "$WALRUS_SOCK" ] || die "no walrus socket at $WALRUS_SOCK after 10 s (log: $logf)"
-  DAEMON_PID=$(cat "$RUN/daemon.pid")
-  rm -f "$RUN/rss" "$RUN/rss.stop"
-  "$PY" "$WORK/rss_sampler.py" "$DAEMON_PID" "$RUN/rss" &
-  SAMPLER_PID=$!
+  await_daemon "$WALRUS_SOCK" "$logf"
 }
 walrus_snapshot() {   # LABEL RUN: VmHWM and CPU of the running WAL-RUS daemon (no metrics)
   local hwm cpu
@@ -667,16 +662,12 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
           m=$(med "$RES" "$l" 3); [ "$m" = NA ] && continue
           v=$(rate "$l")
           rss=-; hm=-; af=-; dc=-
-          case $tool in walrus*)
-            dc=$(med "$DRES" "$l" 4)
-            rss=$(awk -v k="$(maxcol "$l" 3)" 'BEGIN{printf "%.0f", k/1024}')
-            af=$(awk -v a="$(maxcol "$l" 11)" -v f="$(maxcol "$l" 12)" 'BEGIN{printf "%.0f/%.0f", a/1024, f/1024}');;
-          esac
-          case $tool in pitr*)
+          case $tool in pitr*|walrus*)
             dc=$(med "$DRES" "$l" 4)
             rss=$(awk -v k="$(maxcol "$l" 3)" 'BEGIN{printf "%.0f", k/1024}')
             af=$(awk -v a="$(maxcol "$l" 11)" -v f="$(maxcol "$l" 12)" 'BEGIN{printf "%.0f/%.0f", a/1024, f/1024}')
-            [ "$op" = get ] && hm="$(med "$DRES" "$l" 5)/$(med "$DRES" "$l" 6)";;
+            # prefetch hits and misses come from pitr's metrics; WAL-RUS exports none
+            [ "$op" = get ] && [ "${tool%%-*}" = pitr ] && hm="$(med "$DRES" "$l" 5)/$(med "$DRES" "$l" 6)";;
           esac
           printf '%-6s %-5s %-11s %8.2f %8s %7s %7s %7s %9s %8s %8s %9s\n' "$kind" "$op" "$tool" "$m" "$v" \
             "$(med "$RES" "$l" 4)" "$dc" "$rss" "$af" "$( [ "$tool" = pgbr-async ] && echo - || div "$v" "$base")" \

@@ -7,6 +7,7 @@
 //! the entry points the CLI calls. docs/ARCHITECTURE.md walks through them.
 
 pub mod backup;
+pub mod buffer_pool;
 pub mod commands;
 pub mod config;
 pub mod daemon;

@@ -242,6 +242,7 @@ impl OutageSpool {
             key,
             repository.keyring(),
             &mut pending,
+            envelope::DecodeMode::Alone,
         )
         .map_err(|error| {
             anyhow::anyhow!("the spooled copy in {}: {error}", self.directory.display())

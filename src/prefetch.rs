@@ -25,6 +25,7 @@ use crate::commands::archive_get::{self, GetOutcome};
 use crate::config::Settings;
 use crate::daemon::metrics::Metrics;
 use crate::durable;
+use crate::envelope::DecodeMode;
 use crate::repository::Repository;
 use crate::wal::{SegmentName, WalFileName};
 
@@ -299,8 +300,14 @@ impl Prefetcher {
             // and holding a slot through it would leave a core idle.
             let slot = self.slots.acquire().await?;
             std::fs::create_dir_all(&self.spool)?;
-            let pending =
-                archive_get::fetch_uncommitted(&self.repository, &name, &destination).await?;
+            // Up to one fetch per core decodes at a time: each can have a core to itself.
+            let pending = archive_get::fetch_uncommitted(
+                &self.repository,
+                &name,
+                &destination,
+                DecodeMode::Concurrent,
+            )
+            .await?;
             drop(slot);
             match pending {
                 Some(pending) => archive_get::commit(pending, &destination).await,

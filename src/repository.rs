@@ -23,7 +23,7 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
-use crate::envelope::{self, ContentSummary, EncodeOptions, EnvelopeError, Header};
+use crate::envelope::{self, ContentSummary, DecodeMode, EncodeOptions, EnvelopeError, Header};
 use crate::keyring::{KeyId, Keyring};
 use crate::wal::{PgVersion, SystemIdentifier, WalFileName, WalSegmentSize};
 
@@ -524,7 +524,7 @@ impl Repository {
     /// Reads and verifies a small object into memory; `None` if it does not exist.
     pub async fn read_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, RepositoryError> {
         Ok(self
-            .read_object(key, Vec::new())
+            .read_object(key, Vec::new(), DecodeMode::Alone)
             .await?
             .map(|(_, bytes)| bytes))
     }
@@ -630,11 +630,14 @@ impl Repository {
     }
 
     /// Reads, verifies and decodes the object at `key` into `sink`. `None` if there is no
-    /// such object. Memory stays at a few chunks: the body streams from the store to the sink.
+    /// such object. Memory stays at a few chunks, the body streaming from the store to the
+    /// sink, except that `DecodeMode::Concurrent` may decode a local segment in one pooled
+    /// buffer; a remote body is always decoded `Alone`.
     pub async fn read_object<W: Write + Send + 'static>(
         &self,
         key: &str,
         sink: W,
+        mode: DecodeMode,
     ) -> Result<Option<(Header, W)>, RepositoryError> {
         let location = self.location(key);
         let result = match self
@@ -647,20 +650,22 @@ impl Repository {
         };
         // A local object is decoded straight from its file; a remote body streams in through
         // a bounded queue, so memory stays at a few chunks either way.
-        let (source, pump): (Box<dyn Read + Send>, _) = match result.payload {
-            GetResultPayload::File(file, _) => {
-                (Box::new(io::BufReader::with_capacity(1 << 20, file)), None)
-            }
+        let (source, pump, mode): (Box<dyn Read + Send>, _, _) = match result.payload {
+            GetResultPayload::File(file, _) => (
+                Box::new(io::BufReader::with_capacity(1 << 20, file)),
+                None,
+                mode,
+            ),
             GetResultPayload::Stream(body) => {
                 let (reader, pump) = self.bridge(body);
-                (Box::new(reader), Some(pump))
+                (Box::new(reader), Some(pump), DecodeMode::Alone)
             }
         };
         let keyring = self.keyring.clone();
         let key_owned = key.to_string();
         let decoded = tokio::task::spawn_blocking(move || {
             let mut sink = sink;
-            let header = envelope::decode(source, &key_owned, keyring.as_ref(), &mut sink)?;
+            let header = envelope::decode(source, &key_owned, keyring.as_ref(), &mut sink, mode)?;
             Ok::<_, EnvelopeError>((header, sink))
         })
         .await

@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use crate::config::Settings;
 use crate::daemon::metrics::Metrics;
 use crate::durable::PendingFile;
+use crate::envelope::DecodeMode;
 use crate::outage_spool::OutageSpool;
 use crate::prefetch::Prefetcher;
 use crate::repository::{Repository, RepositoryError, check_same_cluster};
@@ -179,18 +180,19 @@ pub async fn fetch(
     name: &WalFileName,
     destination: &Path,
 ) -> Result<GetOutcome> {
-    match fetch_uncommitted(repository, name, destination).await? {
+    match fetch_uncommitted(repository, name, destination, DecodeMode::Alone).await? {
         Some(pending) => commit(pending, destination).await,
         None => Ok(GetOutcome::NotFound),
     }
 }
 
 /// The decoding half of `fetch`: the verified file, written but not yet durable or in place.
-/// `None` if the repository has no such file.
+/// `None` if the repository has no such file. `mode` says whether other fetches run beside it.
 pub async fn fetch_uncommitted(
     repository: &Repository,
     name: &WalFileName,
     destination: &Path,
+    mode: DecodeMode,
 ) -> Result<Option<PendingFile>> {
     let pending = PendingFile::create(destination).with_context(|| {
         format!(
@@ -199,7 +201,7 @@ pub async fn fetch_uncommitted(
         )
     })?;
     let key = Repository::wal_key(name);
-    let restored = repository.read_object(&key, pending).await.map_err(|error| match error {
+    let restored = repository.read_object(&key, pending, mode).await.map_err(|error| match error {
         RepositoryError::Sink(io) => anyhow::anyhow!(
             "writing {name} to {} failed: {io}; free space or fix the volume holding it, nothing was written",
             destination.display()

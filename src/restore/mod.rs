@@ -25,6 +25,7 @@ use futures::StreamExt;
 use crate::backup::take::permissions;
 use crate::backup::{BackupId, Manifest, ManifestFile, catalog};
 use crate::config::Settings;
+use crate::envelope::DecodeMode;
 use crate::repository::{Repository, WAL_PREFIX};
 use crate::wal::records::{PgTimestamp, TransactionEnd};
 use crate::wal::{Lsn, PgVersion, SegmentName, TimelineId, WalFileName, WalSegmentSize};
@@ -632,7 +633,7 @@ async fn restore_file(
                 .await
                 .expect("the chunk budget is never closed");
             let restored = repository
-                .read_object(&chunk.key(), Vec::with_capacity(capacity))
+                .read_object(&chunk.key(), Vec::with_capacity(capacity), DecodeMode::Alone)
                 .await
                 .with_context(|| format!("restoring {} failed at chunk {}; the restored directory is incomplete and will not start", file.path, chunk.0))?;
             let (_, bytes) = restored.with_context(|| format!("chunk {} of {} is missing from the repository; the restored directory is incomplete and will not start", chunk.0, file.path))?;

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::EncodeOptions;
+use crate::envelope::{DecodeMode, EncodeOptions};
 use crate::repository::Repository;
 use crate::wal::records::{
     PgTimestamp, RecordScanner, RestorePoint, ScanEnd, SegmentSummary, TransactionEnd,
@@ -151,7 +151,7 @@ impl<'a> ArchiveIndex<'a> {
         let key = Repository::wal_key(&WalFileName::Segment(segment));
         if self
             .repository
-            .read_object(&key, scanner.clone())
+            .read_object(&key, scanner.clone(), DecodeMode::Alone)
             .await?
             .is_none()
         {
@@ -165,7 +165,7 @@ impl<'a> ArchiveIndex<'a> {
             // A next segment not archived yet leaves the record unfinished: the summary says
             // so and is not stored.
             self.repository
-                .read_object(&next_key, scanner.clone())
+                .read_object(&next_key, scanner.clone(), DecodeMode::Alone)
                 .await?;
         }
         Ok(Some(scanner.into_inner().finish()))

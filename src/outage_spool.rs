@@ -165,15 +165,43 @@ impl OutageSpool {
         repository: &Repository,
     ) -> Result<(), SpoolError> {
         let header = self.authenticate(path, key, repository)?;
-        if header.content == *content {
+        let spooled = if header.content.checksum.algorithm() == content.checksum.algorithm() {
+            header.content
+        } else {
+            self.summarize(path, key, content.checksum.algorithm(), repository)?
+        };
+        if spooled == *content {
             return Ok(());
         }
         Err(SpoolError::Different {
             name: key.rsplit('/').next().unwrap_or(key).to_string(),
             directory: self.directory.display().to_string(),
-            spooled: header.content.checksum.to_string(),
+            spooled: spooled.checksum.to_string(),
             this: content.checksum.to_string(),
         })
+    }
+
+    /// The plaintext summary of a spooled object in `algorithm`: for an object spooled by an
+    /// older pitr, whose header carries another checksum algorithm than this pitr computes.
+    fn summarize(
+        &self,
+        path: &Path,
+        key: &str,
+        algorithm: envelope::ChecksumAlgorithm,
+        repository: &Repository,
+    ) -> Result<ContentSummary, SpoolError> {
+        let file = std::fs::File::open(path)
+            .map_err(|error| self.io_error(format!("cannot read {key}: {error}")))?;
+        let mut sink = envelope::SummarySink::new(algorithm);
+        envelope::decode(
+            io::BufReader::new(file),
+            key,
+            repository.keyring(),
+            &mut sink,
+            envelope::DecodeMode::Alone,
+        )
+        .map_err(|error| self.io_error(error.to_string()))?;
+        Ok(sink.summary())
     }
 
     fn authenticate(
@@ -381,6 +409,62 @@ mod tests {
         let bytes = vec![fill; length];
         let content = ContentSummary::of_bytes(&bytes);
         (vec![Bytes::from(bytes)], content)
+    }
+
+    #[test]
+    fn an_object_spooled_by_an_older_pitr_is_compared_by_its_plaintext() {
+        let root = tempfile::tempdir().unwrap();
+        let (spool, repository) = spool_and_repository(root.path(), 64 * MIB as u64);
+        let key = "wal/00000001/000000010000000000000001";
+        let plaintext = vec![5u8; MIB];
+        // A v1 object (BLAKE3 checksum), as pitr wrote before format v2.
+        let old_content =
+            ContentSummary::of_bytes_in(&plaintext, envelope::ChecksumAlgorithm::Blake3);
+        let old_object = envelope::encode(
+            &plaintext[..],
+            old_content,
+            key,
+            None,
+            &envelope::EncodeOptions::default(),
+            Vec::new(),
+        )
+        .unwrap();
+        spool
+            .store(key, &[Bytes::from(old_object)], &old_content, &repository)
+            .unwrap();
+        // The same segment pushed again by this pitr, which summarizes it in XXH3.
+        let (object, content) = encoded(&plaintext, key, &repository);
+        assert_ne!(
+            content.checksum.algorithm(),
+            old_content.checksum.algorithm()
+        );
+        spool.store(key, &object, &content, &repository).unwrap();
+        // A different segment under that name is still refused.
+        let mut different = plaintext.clone();
+        different[100] = 6;
+        let (object, content) = encoded(&different, key, &repository);
+        let error = spool
+            .store(key, &object, &content, &repository)
+            .unwrap_err();
+        assert!(
+            matches!(error, SpoolError::Different { .. }),
+            "a different file is refused: {error}"
+        );
+    }
+
+    fn encoded(
+        plaintext: &[u8],
+        name: &str,
+        repository: &Repository,
+    ) -> (Vec<Bytes>, ContentSummary) {
+        let (content, parts) = envelope::encode_bytes(
+            plaintext,
+            name,
+            repository.keyring(),
+            &envelope::EncodeOptions::default(),
+        )
+        .unwrap();
+        (parts, content)
     }
 
     #[test]

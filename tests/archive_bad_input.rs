@@ -384,6 +384,70 @@ fn a_different_file_under_an_archived_name_is_refused_and_identical_is_accepted(
         &format!(
             "pitr archive-push: error: {name} is already archived in {} with different content (stored checksum {}, {} bytes; this file {}, {} bytes); the stored copy was left untouched. Another cluster or a diverged timeline may be archiving into this repository: find out which before archiving resumes",
             fixture.url(),
+            xxh3_hex(&original),
+            original.len(),
+            xxh3_hex(&changed),
+            changed.len()
+        ),
+        || fixture.push(&path),
+    );
+}
+
+/// The plaintext checksum format v2 objects carry, as pitr prints it.
+fn xxh3_hex(bytes: &[u8]) -> String {
+    hex::encode(xxhash_rust::xxh3::xxh3_128(bytes).to_be_bytes())
+}
+
+#[test]
+fn a_segment_archived_by_an_older_pitr_in_format_v1_is_still_recognized_on_re_push() {
+    if !pg15_available() {
+        return;
+    }
+    let fixture = Fixture::new();
+    let name = fixture.segments[1].clone();
+    let original = std::fs::read(fixture.segment_path(&name)).unwrap();
+    // Replace the stored object with the v1 object (BLAKE3 checksum) an older pitr wrote.
+    let keyring = pitr::keyring::Keyring::load(&fixture.keyring).unwrap();
+    let content = pitr::envelope::ContentSummary::of_bytes_in(
+        &original,
+        pitr::envelope::ChecksumAlgorithm::Blake3,
+    );
+    let v1 = pitr::envelope::encode(
+        &original[..],
+        content,
+        &format!("wal/00000001/{name}"),
+        Some(&keyring),
+        &pitr::envelope::EncodeOptions::default(),
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(v1[4], 1, "a format v1 object");
+    std::fs::write(fixture.object_path(&name), &v1).unwrap();
+
+    let again = fixture.push(&fixture.segment_path(&name));
+    assert!(
+        again.status.success(),
+        "re-push over a v1 object: {}",
+        stderr_of(&again)
+    );
+    assert_eq!(std::fs::read(fixture.object_path(&name)).unwrap(), v1);
+    let destination = fixture.workspace.path("restored-v1");
+    let got = fixture.get(&fixture.config, &name, &destination);
+    assert!(
+        got.status.success(),
+        "get of a v1 object: {}",
+        stderr_of(&got)
+    );
+    assert!(std::fs::read(&destination).unwrap() == original);
+
+    let mut changed = original.clone();
+    changed[3 * 8192 + 100] ^= 0xFF;
+    let path = fixture.scratch_file(&name, &changed);
+    refused(
+        &fixture,
+        &format!(
+            "pitr archive-push: error: {name} is already archived in {} with different content (stored checksum {}, {} bytes; this file {}, {} bytes); the stored copy was left untouched. Another cluster or a diverged timeline may be archiving into this repository: find out which before archiving resumes",
+            fixture.url(),
             blake3::hash(&original).to_hex(),
             original.len(),
             blake3::hash(&changed).to_hex(),
@@ -391,6 +455,7 @@ fn a_different_file_under_an_archived_name_is_refused_and_identical_is_accepted(
         ),
         || fixture.push(&path),
     );
+    assert_eq!(std::fs::read(fixture.object_path(&name)).unwrap(), v1);
 }
 
 #[test]

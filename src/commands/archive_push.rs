@@ -223,16 +223,18 @@ async fn push_to_repository(
             (PutOutcome::AlreadyExists, content) => content,
         }
     };
-    compare_with_stored(repository, &key, &file_name, content).await
+    compare_with_stored(repository, &key, &file_name, &file.path, content).await
 }
 
 /// A name already taken: succeed only if the stored object decodes, verifies and holds exactly
-/// this content.
+/// this content. An object written by an older pitr carries another checksum algorithm; the
+/// file is then hashed again in that one, so an upgrade never makes a re-push look different.
 async fn compare_with_stored(
     repository: &Repository,
     key: &str,
     file_name: &str,
-    content: ContentSummary,
+    path: &Path,
+    mut content: ContentSummary,
 ) -> Result<PushOutcome> {
     let stored = repository
         .authenticate_object(key)
@@ -244,6 +246,13 @@ async fn compare_with_stored(
             repository.url
         );
     };
+    let algorithm = header.content.checksum.algorithm();
+    if content.checksum.algorithm() != algorithm {
+        let path = path.to_path_buf();
+        content = tokio::task::spawn_blocking(move || ContentSummary::of_file_in(&path, algorithm))
+            .await?
+            .with_context(|| format!("cannot read {file_name}"))?;
+    }
     if header.content == content {
         return Ok(PushOutcome::AlreadyArchived);
     }

@@ -376,17 +376,28 @@ fn a_different_file_under_an_archived_name_is_refused_and_identical_is_accepted(
     );
     std::fs::write(&object, &stored).unwrap();
 
-    let mut changed = original.clone();
+    refuses_a_changed_copy(&fixture, &name, &original, xxh3_hex);
+}
+
+/// Pushes `original` with one byte changed under its archived name and expects the exact
+/// refusal, with both checksums in the stored object's algorithm (`checksum_hex`).
+fn refuses_a_changed_copy(
+    fixture: &Fixture,
+    name: &str,
+    original: &[u8],
+    checksum_hex: impl Fn(&[u8]) -> String,
+) {
+    let mut changed = original.to_vec();
     changed[3 * 8192 + 100] ^= 0xFF;
-    let path = fixture.scratch_file(&name, &changed);
+    let path = fixture.scratch_file(name, &changed);
     refused(
-        &fixture,
+        fixture,
         &format!(
             "pitr archive-push: error: {name} is already archived in {} with different content (stored checksum {}, {} bytes; this file {}, {} bytes); the stored copy was left untouched. Another cluster or a diverged timeline may be archiving into this repository: find out which before archiving resumes",
             fixture.url(),
-            xxh3_hex(&original),
+            checksum_hex(original),
             original.len(),
-            xxh3_hex(&changed),
+            checksum_hex(&changed),
             changed.len()
         ),
         || fixture.push(&path),
@@ -440,21 +451,9 @@ fn a_segment_archived_by_an_older_pitr_in_format_v1_is_still_recognized_on_re_pu
     );
     assert!(std::fs::read(&destination).unwrap() == original);
 
-    let mut changed = original.clone();
-    changed[3 * 8192 + 100] ^= 0xFF;
-    let path = fixture.scratch_file(&name, &changed);
-    refused(
-        &fixture,
-        &format!(
-            "pitr archive-push: error: {name} is already archived in {} with different content (stored checksum {}, {} bytes; this file {}, {} bytes); the stored copy was left untouched. Another cluster or a diverged timeline may be archiving into this repository: find out which before archiving resumes",
-            fixture.url(),
-            blake3::hash(&original).to_hex(),
-            original.len(),
-            blake3::hash(&changed).to_hex(),
-            changed.len()
-        ),
-        || fixture.push(&path),
-    );
+    refuses_a_changed_copy(&fixture, &name, &original, |bytes| {
+        blake3::hash(bytes).to_hex().to_string()
+    });
     assert_eq!(std::fs::read(fixture.object_path(&name)).unwrap(), v1);
 }
 

@@ -651,8 +651,9 @@ impl Repository {
         // A local object is decoded straight from its file; a remote body streams in through
         // a bounded queue, so memory stays at a few chunks either way.
         let (source, pump, mode): (Box<dyn Read + Send>, _, _) = match result.payload {
+            // Unbuffered: the envelope reads whole sealed chunks, straight into their buffers.
             GetResultPayload::File(file, _) => (
-                Box::new(io::BufReader::with_capacity(1 << 20, file)),
+                Box::new(file),
                 None,
                 mode,
             ),

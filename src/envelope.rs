@@ -111,7 +111,8 @@ impl fmt::Display for Checksum {
 /// Hashes plaintext as it streams past, in one checksum algorithm.
 pub enum PlaintextHasher {
     Blake3(Box<blake3::Hasher>),
-    Xxh3(Box<xxhash_rust::xxh3::Xxh3>),
+    /// twox-hash picks AVX2 or SSE2 at run time; a build for the baseline CPU would use SSE2.
+    Xxh3(Box<twox_hash::XxHash3_128>),
 }
 
 impl PlaintextHasher {
@@ -127,14 +128,14 @@ impl PlaintextHasher {
             PlaintextHasher::Blake3(hasher) => {
                 hasher.update(bytes);
             }
-            PlaintextHasher::Xxh3(hasher) => hasher.update(bytes),
+            PlaintextHasher::Xxh3(hasher) => hasher.write(bytes),
         }
     }
 
     pub fn finish(&self) -> Checksum {
         match self {
             PlaintextHasher::Blake3(hasher) => Checksum::Blake3(*hasher.finalize().as_bytes()),
-            PlaintextHasher::Xxh3(hasher) => Checksum::Xxh3(hasher.digest128().to_be_bytes()),
+            PlaintextHasher::Xxh3(hasher) => Checksum::Xxh3(hasher.finish_128().to_be_bytes()),
         }
     }
 }
@@ -1537,6 +1538,25 @@ mod tests {
             ..EncodeOptions::default()
         };
         encode(data, content, "wal/x", keyring, &options, Vec::new()).unwrap()
+    }
+
+    proptest! {
+        /// The plaintext checksum is the standard XXH3-128 however the plaintext is split into
+        /// updates, across the short, medium and long-input paths and the stripe boundaries.
+        #[test]
+        fn the_streamed_checksum_is_the_reference_xxh3_128(length in 0usize..40_000, cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..6)) {
+            let data: Vec<u8> = (0..length).map(|index| (index * 7 + index / 251) as u8).collect();
+            let mut cuts: Vec<usize> = cuts.iter().map(|cut| cut.index(length + 1)).collect();
+            cuts.sort_unstable();
+            let mut hasher = PlaintextHasher::new(ChecksumAlgorithm::Xxh3);
+            let mut start = 0;
+            for cut in cuts.into_iter().chain([length]) {
+                hasher.update(&data[start..cut]);
+                start = cut;
+            }
+            let expected = xxhash_rust::xxh3::xxh3_128(&data).to_be_bytes();
+            prop_assert_eq!(hasher.finish(), Checksum::Xxh3(expected));
+        }
     }
 
     #[test]

@@ -652,11 +652,7 @@ impl Repository {
         // a bounded queue, so memory stays at a few chunks either way.
         let (source, pump, mode): (Box<dyn Read + Send>, _, _) = match result.payload {
             // Unbuffered: the envelope reads whole sealed chunks, straight into their buffers.
-            GetResultPayload::File(file, _) => (
-                Box::new(file),
-                None,
-                mode,
-            ),
+            GetResultPayload::File(file, _) => (Box::new(file), None, mode),
             GetResultPayload::Stream(body) => {
                 let (reader, pump) = self.bridge(body);
                 (Box::new(reader), Some(pump), DecodeMode::Alone)

@@ -398,11 +398,22 @@ pub fn encode_file(
     keyring: Option<&Keyring>,
     options: &EncodeOptions,
 ) -> Result<(ContentSummary, Vec<Bytes>), EnvelopeError> {
-    let mut file = std::fs::File::open(path).map_err(EnvelopeError::Source)?;
+    let file = std::fs::File::open(path).map_err(EnvelopeError::Source)?;
     let length_hint = file.metadata().map(|meta| meta.len()).unwrap_or(0);
     if options.whole_files && options.compression_workers == 0 && length_hint <= WHOLE_FILE_LIMIT {
         return encode_whole_file(file, length_hint, object_name, keyring, options);
     }
+    encode_streaming(file, length_hint, object_name, keyring, options)
+}
+
+/// `encode_file` in pieces of `FILE_READ_PIECE`.
+fn encode_streaming(
+    mut file: std::fs::File,
+    length_hint: u64,
+    object_name: &str,
+    keyring: Option<&Keyring>,
+    options: &EncodeOptions,
+) -> Result<(ContentSummary, Vec<Bytes>), EnvelopeError> {
     let mut hasher = SummarySink::new(ChecksumAlgorithm::CURRENT);
     let mut encoder = zstd_encoder(Vec::with_capacity((length_hint / 8) as usize), options)?;
     let mut buffer = vec![0u8; FILE_READ_PIECE];
@@ -435,10 +446,10 @@ const FILE_READ_PIECE: usize = 1 << 20;
 /// down its slower external-dictionary path.
 const WHOLE_FILE_LIMIT: u64 = 64 << 20;
 
-/// Read buffers for whole files, kept for reuse so a busy daemon does not fault in fresh
-/// memory for every segment. At most this many are kept; more may exist while in use.
-const KEPT_READ_BUFFERS: usize = 2;
-static READ_BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+/// Buffers for whole files, kept for reuse so a busy daemon does not fault in fresh memory for
+/// every segment (and backed by huge pages, see `buffer_pool`). The budget holds one file at
+/// the limit or four 16 MiB segments at once; an encode that finds it spent streams its file.
+static WHOLE_READ_BUFFERS: BufferPool = BufferPool::new(WHOLE_FILE_LIMIT as usize);
 
 fn encode_whole_file(
     mut file: std::fs::File,
@@ -447,34 +458,22 @@ fn encode_whole_file(
     keyring: Option<&Keyring>,
     options: &EncodeOptions,
 ) -> Result<(ContentSummary, Vec<Bytes>), EnvelopeError> {
-    let mut plaintext = READ_BUFFERS
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .pop()
-        .unwrap_or_default();
-    plaintext.clear();
-    plaintext.reserve(length_hint as usize);
-    let result = (|| {
-        (&mut file)
-            .take(WHOLE_FILE_LIMIT + 1)
-            .read_to_end(&mut plaintext)
-            .map_err(EnvelopeError::Source)?;
-        if plaintext.len() as u64 > WHOLE_FILE_LIMIT {
-            return Err(EnvelopeError::SourceChanged {
-                object: object_name.to_string(),
-                expected: length_hint,
-                found: plaintext.len() as u64,
-            });
-        }
-        encode_bytes(&plaintext, object_name, keyring, options)
-    })();
-    let mut kept = READ_BUFFERS
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if kept.len() < KEPT_READ_BUFFERS {
-        kept.push(plaintext);
+    let Some(mut plaintext) = WHOLE_READ_BUFFERS.take(length_hint as usize) else {
+        return encode_streaming(file, length_hint, object_name, keyring, options);
+    };
+    let length = read_full(&mut file, &mut plaintext).map_err(EnvelopeError::Source)?;
+    // A file that grew after its length was read would be archived cut short.
+    let mut probe = [0u8; 1];
+    if length == plaintext.len()
+        && read_full(&mut file, &mut probe).map_err(EnvelopeError::Source)? > 0
+    {
+        return Err(EnvelopeError::SourceChanged {
+            object: object_name.to_string(),
+            expected: length_hint,
+            found: length_hint + 1,
+        });
     }
-    result
+    encode_bytes(&plaintext[..length], object_name, keyring, options)
 }
 
 /// `encode` for plaintext already in memory. On one thread the whole input is compressed in one
@@ -1415,6 +1414,26 @@ mod tests {
         let (content, parts) = encode_file(&path, "wal/x", keyring, &options).unwrap();
         assert_eq!(content, ContentSummary::of_bytes(data));
         parts.concat()
+    }
+
+    #[test]
+    fn a_file_that_grew_after_its_length_was_read_is_refused_whole() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("plain");
+        std::fs::write(&path, vec![7u8; 10_000]).unwrap();
+        let options = EncodeOptions {
+            whole_files: true,
+            ..EncodeOptions::default()
+        };
+        let open = || std::fs::File::open(&path).unwrap();
+        // The length read before the file grew to 10 000 bytes.
+        let error = encode_whole_file(open(), 9_000, "wal/x", None, &options).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "wal/x changed while it was being encoded (9000 bytes expected, 9001 read); retry"
+        );
+        let (content, _) = encode_whole_file(open(), 10_000, "wal/x", None, &options).unwrap();
+        assert_eq!(content, ContentSummary::of_bytes(&[7u8; 10_000]));
     }
 
     proptest! {

@@ -50,6 +50,14 @@ pub struct GlobalOptions {
         value_name = "SECONDS"
     )]
     pub store_timeout: Option<String>,
+    /// Let an s3:// store without other credentials ask the cloud's instance metadata endpoint: on or off [default: on].
+    #[arg(
+        long,
+        env = "PITR_STORE_INSTANCE_METADATA",
+        global = true,
+        value_name = "ON|OFF"
+    )]
+    pub store_instance_metadata: Option<String>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "PITR_LOG_FORMAT", global = true, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -122,6 +130,7 @@ struct FileSettings {
     compression_threads: Option<i64>,
     pgdata: Option<PathBuf>,
     store_timeout: Option<i64>,
+    store_instance_metadata: Option<bool>,
     log_format: Option<String>,
     socket: Option<PathBuf>,
     archive_concurrency: Option<i64>,
@@ -162,6 +171,8 @@ pub struct Settings {
     pub pgdata: PathBuf,
     pub store_timeout: Duration,
     pub store_options: BTreeMap<String, String>,
+    /// Whether an s3:// store may fall back to the instance metadata endpoint for credentials.
+    pub store_instance_metadata: bool,
     pub log_format: LogFormat,
     pub socket: PathBuf,
     pub archive_concurrency: usize,
@@ -216,6 +227,16 @@ impl Settings {
             Some(other) => {
                 return Err(ConfigError::BadValue(format!(
                     "log format '{other}' is not valid: use text or json"
+                )));
+            }
+        };
+        let store_instance_metadata = match options.store_instance_metadata.as_deref() {
+            None => file.store_instance_metadata.unwrap_or(true),
+            Some("on" | "true") => true,
+            Some("off" | "false") => false,
+            Some(other) => {
+                return Err(ConfigError::BadValue(format!(
+                    "store instance metadata (PITR_STORE_INSTANCE_METADATA) '{other}' is not valid: use on or off"
                 )));
             }
         };
@@ -315,6 +336,7 @@ impl Settings {
             pgdata,
             store_timeout: Duration::from_secs(store_timeout as u64),
             store_options: file.store,
+            store_instance_metadata,
             log_format,
         })
     }

@@ -655,7 +655,9 @@ pub enum DecodeMode {
 }
 
 /// Decodes and verifies one object into `sink`, returning its header. `expected_name` guards
-/// against an object renamed or copied from elsewhere. On error, what was written to `sink` must
+/// against an object renamed or copied from elsewhere. `keyring` is the repository's: given one,
+/// every object must be encrypted under it (an unencrypted object is refused as forged), and
+/// without one an encrypted object is refused as unreadable. On error, what was written to `sink` must
 /// be discarded: verification completes only at the end.
 pub fn decode<R: Read + Send, W: Write + Send>(
     source: R,
@@ -711,9 +713,15 @@ fn open_body<R: Read>(
             found: header.object_name.clone(),
         });
     }
-    let stream = match header.cipher {
-        Cipher::None => None,
-        Cipher::Aes256GcmStream => Some(open_data_key(&header, keyring)?),
+    let stream = match (header.cipher, keyring) {
+        // A keyring means the repository's identity says it is encrypted: an object without a
+        // cipher carries no authentication at all, so anyone who can write to the storage could
+        // have made it, checksum included.
+        (Cipher::None, Some(_)) => {
+            return Err(EnvelopeError::Unencrypted(expected_name.to_string()));
+        }
+        (Cipher::None, None) => None,
+        (Cipher::Aes256GcmStream, _) => Some(open_data_key(&header, keyring)?),
     };
     let opener = ChunkOpener {
         source,
@@ -1287,6 +1295,25 @@ fn corrupt_unless_wrapped(error: io::Error, object: &str) -> EnvelopeError {
     }
 }
 
+impl EnvelopeError {
+    /// Whether the object itself is damaged or forged, so that storing a verified copy in its
+    /// place loses nothing: a torn write, a flipped bit, a planted or moved object. An object
+    /// under a key this keyring lacks, or of a newer format, may be valid and is never one.
+    pub fn is_damaged_object(&self) -> bool {
+        matches!(
+            self,
+            EnvelopeError::NotAnObject(_)
+                | EnvelopeError::CorruptHeader(_)
+                | EnvelopeError::NameMismatch { .. }
+                | EnvelopeError::Unencrypted(_)
+                | EnvelopeError::AuthenticationFailed { .. }
+                | EnvelopeError::Truncated(_)
+                | EnvelopeError::ChecksumMismatch(_)
+                | EnvelopeError::CorruptCompressedData(_)
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
     #[error(
@@ -1307,6 +1334,10 @@ pub enum EnvelopeError {
         "object {0} is encrypted but no keyring is configured; set PITR_KEY_FILE or --key-file"
     )]
     KeyringRequired(String),
+    #[error(
+        "object {0} is not encrypted, but this repository is; it was refused as forged (anyone who can write to the storage can plant such an object): delete it, archive it again from its source, and check who can write to the repository"
+    )]
+    Unencrypted(String),
     #[error(
         "object {object} is encrypted with key {key_id}, which the keyring does not hold; use the keyring the repository was written with"
     )]

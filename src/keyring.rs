@@ -28,18 +28,22 @@ impl fmt::Display for KeyId {
 }
 
 impl std::str::FromStr for KeyId {
-    type Err = KeyringError;
+    type Err = KeyIdError;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        if text.len() != 16 {
-            return Err(KeyringError::Malformed(format!(
-                "key id '{text}' is not 16 hex digits"
-            )));
+        // The text is never echoed: a mistyped keyring may hold key material where an id goes.
+        if text.len() != 16 || !text.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return Err(KeyIdError);
         }
         u64::from_str_radix(text, 16)
             .map(KeyId)
-            .map_err(|_| KeyringError::Malformed(format!("key id '{text}' is not 16 hex digits")))
+            .map_err(|_| KeyIdError)
     }
 }
+
+/// A key id that is not 16 hex digits. It carries no text: see `KeyId::from_str`.
+#[derive(Debug, thiserror::Error)]
+#[error("a key id is 16 hex digits")]
+pub struct KeyIdError;
 
 /// 256 bits of key material, zeroed when dropped and never printed.
 #[derive(Clone)]
@@ -143,23 +147,44 @@ struct KeyringFileEntry {
 const KEYRING_PREAMBLE: &str = "# pitr keyring. Keep it secret and keep a copy: without it the repository cannot be read.\n# The last key encrypts new objects; every key listed decrypts.\n";
 
 impl Keyring {
+    /// Loads a keyring file, refusing one that other users could read or change. Errors name
+    /// a key by its position and, once it parsed, its id: never by text that might be key
+    /// material (an id and a key swapped by hand would otherwise echo the key).
     pub fn load(path: &Path) -> Result<Self, KeyringError> {
-        let text = std::fs::read_to_string(path).map_err(|error| KeyringError::Read {
+        check_permissions(path)?;
+        let text =
+            Zeroizing::new(
+                std::fs::read_to_string(path).map_err(|error| KeyringError::Read {
+                    path: path.display().to_string(),
+                    error,
+                })?,
+            );
+        let malformed = |problem: String| KeyringError::Malformed {
             path: path.display().to_string(),
-            error,
+            problem,
+        };
+        let file: KeyringFile = toml::from_str(&text).map_err(|error| {
+            let line = error
+                .span()
+                .map(|span| text[..span.start].matches('\n').count() + 1);
+            malformed(match line {
+                Some(line) => format!("it is not valid TOML (line {line})"),
+                None => "it is not valid TOML".to_string(),
+            })
         })?;
-        let malformed =
-            |what: String| KeyringError::Malformed(format!("{}: {what}", path.display()));
-        let file: KeyringFile =
-            toml::from_str(&text).map_err(|error| malformed(error.message().to_string()))?;
         let mut keys = Vec::new();
-        for entry in file.keys {
+        for (index, entry) in file.keys.iter().enumerate() {
+            let position = index + 1;
+            let id = entry
+                .id
+                .parse::<KeyId>()
+                .map_err(|_| malformed(format!("the id of key {position} is not 16 hex digits")))?;
             let mut bytes = Zeroizing::new([0u8; 32]);
             hex::decode_to_slice(&entry.key, bytes.as_mut())
-                .map_err(|_| malformed(format!("key {} is not 64 hex digits", entry.id)))?;
+                .map_err(|_| malformed(format!("key {position} (id {id}) is not 64 hex digits")))?;
             keys.push(KeyringKey {
-                id: entry.id.parse()?,
-                created: entry.created,
+                id,
+                created: entry.created.clone(),
                 secret: SecretKey(bytes),
             });
         }
@@ -242,6 +267,30 @@ impl Keyring {
     }
 }
 
+/// Refuses a keyring that anyone but its owner could change, or that every user could read.
+/// Group-readable is allowed on purpose: Kubernetes mounts a Secret with `defaultMode: 0440`
+/// and the pod's fsGroup as its group, and that group is the workload's own.
+fn check_permissions(path: &Path) -> Result<(), KeyringError> {
+    let metadata = std::fs::metadata(path).map_err(|error| KeyringError::Read {
+        path: path.display().to_string(),
+        error,
+    })?;
+    let mode = metadata.permissions().mode() & 0o777;
+    let problem = if mode & 0o002 != 0 {
+        "is writable by other users"
+    } else if mode & 0o020 != 0 {
+        "is writable by its group"
+    } else if mode & 0o004 != 0 {
+        "is readable by every user"
+    } else {
+        return Ok(());
+    };
+    Err(KeyringError::Permissions {
+        path: path.display().to_string(),
+        problem: format!("{problem} (mode {mode:04o})"),
+    })
+}
+
 /// A random key id; 0 is reserved in object headers for "not encrypted".
 fn random_key_id() -> KeyId {
     loop {
@@ -262,8 +311,12 @@ pub enum KeyringError {
         "the keyring {0} already exists; refusing to overwrite it (choose another --output path)"
     )]
     Exists(String),
-    #[error("the keyring is malformed: {0}; restore it from your copy")]
-    Malformed(String),
+    #[error("keyring {path} is malformed: {problem}; fix the file, or restore it from your copy")]
+    Malformed { path: String, problem: String },
+    #[error(
+        "keyring {path} {problem}; run chmod 0600 {path} (or 0640 for a group that must read it, such as a Kubernetes fsGroup)"
+    )]
+    Permissions { path: String, problem: String },
 }
 
 #[cfg(test)]

@@ -185,6 +185,11 @@ enum OutputFormat {
 }
 
 fn main() -> ExitCode {
+    // Everything pitr creates is its user's alone: repository objects and directories on
+    // file:// (which object_store creates with the default mode), spools, restored files.
+    // Where a file needs another mode (a restored file's own, a keyring), it is set explicitly.
+    // SAFETY: umask only swaps the process's file creation mask; no other thread runs yet.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     let hook = matches!(
         cli.command,

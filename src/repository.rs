@@ -30,6 +30,8 @@ use crate::wal::{PgVersion, SystemIdentifier, WalFileName, WalSegmentSize};
 pub const FORMAT_VERSION: u32 = 1;
 const IDENTITY_KEY: &str = "pitr.identity";
 pub const WAL_PREFIX: &str = "wal";
+/// Objects that exist only while a write is under way: probes and replacements being staged.
+const TEMPORARY_PREFIX: &str = "tmp";
 /// Objects a backup or restore keeps in flight on a remote store (see `transfers_in_flight`).
 const REMOTE_TRANSFERS_IN_FLIGHT: usize = 16;
 
@@ -84,7 +86,7 @@ impl Identity {
             pg_version: pg_version.0,
             wal_segment_size: segment_size.0,
             encryption: keyring.map(|keyring| EncryptionIdentity {
-                cipher: "aes-256-gcm-stream".to_string(),
+                cipher: IDENTITY_CIPHER.to_string(),
                 key_id: keyring.newest().id.to_string(),
                 key_check: keyring.newest().check_value(),
             }),
@@ -95,6 +97,58 @@ impl Identity {
     pub fn segment_size(&self) -> WalSegmentSize {
         WalSegmentSize(self.wal_segment_size)
     }
+
+    /// Checks every field a reader relies on, so a damaged or forged identity is an error that
+    /// names the field instead of a panic later (a segment size of 0 divides by zero).
+    /// Returns what is wrong, phrased to follow "its identity object says".
+    fn validate(&self) -> Result<(), String> {
+        let size = self.wal_segment_size;
+        if !size.is_power_of_two() || !(1 << 20..=1 << 30).contains(&size) {
+            return Err(format!(
+                "wal_segment_size {size}, which is not a power of two from 1 MiB to 1 GiB"
+            ));
+        }
+        if !(13..=18).contains(&self.pg_version) {
+            return Err(format!(
+                "pg_version {}, which is not a PostgreSQL version from 13 to 18",
+                self.pg_version
+            ));
+        }
+        if self.system_identifier.0 == 0 {
+            return Err("system_identifier 0, which no database system has".to_string());
+        }
+        if let Some(encryption) = &self.encryption {
+            if encryption.cipher != IDENTITY_CIPHER {
+                return Err(format!(
+                    "cipher '{}', which this pitr does not know",
+                    encryption.cipher
+                ));
+            }
+            if encryption.key_id.parse::<KeyId>().is_err() {
+                return Err("a key_id that is not 16 hex digits".to_string());
+            }
+            let check = &encryption.key_check;
+            if check.len() != 16 || !check.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+                return Err("a key_check that is not 16 hex digits".to_string());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The cipher an encrypted repository's identity names: the envelope's AES-256-GCM STREAM.
+const IDENTITY_CIPHER: &str = "aes-256-gcm-stream";
+
+/// The directory a `file://` URL names, percent-decoded. A host is refused rather than
+/// dropped: `file://tmp/x` is a typo for `file:///tmp/x`, and would otherwise land in `/x`.
+fn local_root(url: &url::Url) -> Result<PathBuf, String> {
+    if let Some(host) = url.host_str().filter(|host| !host.is_empty()) {
+        return Err(format!(
+            "a file:// URL names a local path, not the host '{host}'; write file:///path (three slashes)"
+        ));
+    }
+    url.to_file_path()
+        .map_err(|()| "it does not name an absolute local path; write file:///path".to_string())
 }
 
 /// The result of a create-only write.
@@ -152,19 +206,30 @@ impl Repository {
         };
         let ([store, create_store], prefix, local_root) = match url.scheme() {
             "file" => {
-                let root = PathBuf::from(url.path());
-                std::fs::create_dir_all(&root).map_err(|error| {
+                let root = local_root(&url).map_err(|reason| {
+                    RepositoryError::Config(format!(
+                        "repository URL '{url_text}' is not valid: {reason}"
+                    ))
+                })?;
+                create_local_root(&root).map_err(|error| {
                     RepositoryError::Config(format!(
                         "cannot create the repository directory {}: {error}",
                         root.display()
                     ))
                 })?;
-                let store: Arc<dyn ObjectStore> = Arc::new(
-                    object_store::local::LocalFileSystem::new_with_prefix(&root)
-                        .map_err(|error| bad_url(error.to_string()))?
-                        .with_automatic_cleanup(true),
-                );
-                ([Arc::clone(&store), store], Path::default(), Some(root))
+                let local = |fsync: bool| -> Result<Arc<dyn ObjectStore>, RepositoryError> {
+                    Ok(Arc::new(
+                        object_store::local::LocalFileSystem::new_with_prefix(&root)
+                            .map_err(|error| bad_url(error.to_string()))?
+                            .with_automatic_cleanup(true)
+                            .with_fsync(fsync),
+                    ))
+                };
+                // Create-only writes fsync the staged file before linking it under its name,
+                // so no object is ever visible there before it is durable (a crash once left
+                // empty objects that blocked every re-push). Reads and deferred writes, which
+                // one syncfs makes durable, skip the per-object fsyncs.
+                ([local(false)?, local(true)?], Path::default(), Some(root))
             }
             "s3" | "s3a" => (remote(build_s3)?, prefix, None),
             "gs" => (remote(build_gcs)?, prefix, None),
@@ -228,7 +293,9 @@ impl Repository {
         let identity: Identity =
             serde_json::from_slice(&bytes).map_err(|error| RepositoryError::Corrupt {
                 url: self.url.clone(),
-                detail: format!("its identity object is not valid: {error}"),
+                detail: format!(
+                    "its identity object is not valid: {error}; restore {IDENTITY_KEY} from a copy, or use a new repository"
+                ),
             })?;
         self.adopt_identity(identity.clone())?;
         Ok(Some(identity))
@@ -247,6 +314,14 @@ impl Repository {
                 ),
             });
         }
+        identity
+            .validate()
+            .map_err(|problem| RepositoryError::Corrupt {
+                url: self.url.clone(),
+                detail: format!(
+                    "its identity object says {problem}; restore {IDENTITY_KEY} from a copy, or use a new repository"
+                ),
+            })?;
         self.check_keyring(&identity)?;
         let _ = self.identity.set(identity);
         Ok(())
@@ -311,6 +386,7 @@ impl Repository {
             check_same_cluster(&self.url, &found, expected.system_identifier)?;
             return Ok(found);
         }
+        self.probe_create_only().await?;
         let bytes = serde_json::to_vec_pretty(expected).expect("an identity always serializes");
         match self.put_raw(IDENTITY_KEY, PutPayload::from(bytes)).await? {
             PutOutcome::Created => {
@@ -428,7 +504,7 @@ impl Repository {
                         url: self.url.clone(),
                         detail: format!("cannot read {}: {io}", path.display()),
                     },
-                    other => RepositoryError::Envelope(other.to_string()),
+                    other => RepositoryError::Envelope(other),
                 })?;
         let outcome = self.put_raw(key, parts.into_iter().collect()).await?;
         Ok((outcome, content))
@@ -473,7 +549,7 @@ impl Repository {
         })
         .await
         .expect("the encoding task does not panic")
-        .map_err(|error| RepositoryError::Envelope(error.to_string()))?;
+        .map_err(RepositoryError::Envelope)?;
         self.put_raw_with(key, parts.into_iter().collect(), durability)
             .await
     }
@@ -517,8 +593,121 @@ impl Repository {
         })
         .await
         .expect("the verification task does not panic")
-        .map_err(|error| RepositoryError::Envelope(error.to_string()))?;
+        .map_err(RepositoryError::Envelope)?;
         Ok(Some(header))
+    }
+
+    /// Stores a fresh copy of the local file at `path` in place of the object at `key`, which
+    /// failed verification (`EnvelopeError::is_damaged_object`: a write torn by a crash, a
+    /// flipped bit, an object planted in the bucket). The new object is complete and durable
+    /// under a temporary name first; the damaged one is replaced only if it is still damaged,
+    /// atomically: on `file://` by a rename over it, elsewhere by a write conditional on the
+    /// damaged object's ETag. `false` if the object verified after all (another writer fixed
+    /// it first): the caller then compares as for any stored object.
+    pub async fn replace_damaged(
+        &self,
+        key: &str,
+        path: &FsPath,
+        options: &EncodeOptions,
+    ) -> Result<bool, RepositoryError> {
+        let location = self.location(key);
+        let damaged = self
+            .bounded(&format!("reading {key}"), self.store.head(&location))
+            .await?;
+        let (key_owned, path_owned, options, keyring) = (
+            key.to_string(),
+            path.to_path_buf(),
+            options.clone(),
+            self.keyring.clone(),
+        );
+        let (_, parts) = tokio::task::spawn_blocking(move || {
+            envelope::encode_file(&path_owned, &key_owned, keyring.as_ref(), &options)
+        })
+        .await
+        .expect("the encoding task does not panic")
+        .map_err(RepositoryError::Envelope)?;
+        let payload: PutPayload = parts.into_iter().collect();
+        if self.is_local() {
+            return self.replace_local(key, &location, payload).await;
+        }
+        let replace = PutOptions {
+            mode: PutMode::Update(object_store::UpdateVersion {
+                e_tag: damaged.e_tag,
+                version: damaged.version,
+            }),
+            ..PutOptions::default()
+        };
+        let put = self.create_store.put_opts(&location, payload, replace);
+        match self.bounded(&format!("replacing {key}"), put).await {
+            Ok(_) => Ok(true),
+            Err(RepositoryError::Store { .. }) if self.authenticate_object(key).await.is_ok() => {
+                Ok(false)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn replace_local(
+        &self,
+        key: &str,
+        location: &Path,
+        payload: PutPayload,
+    ) -> Result<bool, RepositoryError> {
+        let staged = self.location(&format!(
+            "{TEMPORARY_PREFIX}/replace-{}-{}",
+            std::process::id(),
+            hex::encode(getrandom::u64().unwrap_or_default().to_le_bytes())
+        ));
+        let options = PutOptions {
+            mode: PutMode::Overwrite,
+            ..PutOptions::default()
+        };
+        let staging = self.create_store.put_opts(&staged, payload, options);
+        self.bounded(&format!("staging a new copy of {key}"), staging)
+            .await?;
+        let still_damaged = match self.authenticate_object(key).await {
+            Err(RepositoryError::Envelope(error)) => error.is_damaged_object(),
+            _ => false,
+        };
+        let result = if still_damaged {
+            // Rename, not create-only: the damaged object is what this replaces. The fsyncing
+            // store syncs the directory after the rename.
+            let rename = self.create_store.rename(&staged, location);
+            self.bounded(&format!("replacing {key}"), rename).await
+        } else {
+            Ok(())
+        };
+        if !still_damaged || result.is_err() {
+            let _ = self.store.delete(&staged).await;
+        }
+        result.map(|()| still_damaged)
+    }
+
+    /// Proves that the store refuses a create-only write of a name that exists, by writing a
+    /// probe object twice. Every promise of the archive rests on this: a store that ignores
+    /// `If-None-Match` would let a second writer overwrite archived WAL silently. Run before a
+    /// repository is created, and by `pitr check`.
+    pub async fn probe_create_only(&self) -> Result<(), RepositoryError> {
+        let key = format!(
+            "{TEMPORARY_PREFIX}/create-only-probe-{}",
+            hex::encode(getrandom::u64().unwrap_or_default().to_le_bytes())
+        );
+        let location = self.location(&key);
+        let first = PutPayload::from_static(b"first");
+        let second = PutPayload::from_static(b"second");
+        let store = &self.create_store;
+        let outcomes = (
+            self.put_create_only(&key, &location, first, store).await,
+            self.put_create_only(&key, &location, second, store).await,
+        );
+        let _ = self
+            .bounded(&format!("removing {key}"), self.store.delete(&location))
+            .await;
+        match outcomes {
+            (Ok(PutOutcome::Created), Ok(PutOutcome::AlreadyExists)) => Ok(()),
+            (Ok(_), Ok(_)) => Err(RepositoryError::Overwrites(self.url.clone())),
+            (Err(error), _) | (_, Err(error)) => Err(error),
+        }
     }
 
     /// Reads and verifies a small object into memory; `None` if it does not exist.
@@ -542,10 +731,15 @@ impl Repository {
     ) -> Result<PutOutcome, RepositoryError> {
         let immediate = durability == Durability::Immediate;
         let location = self.location(key);
-        let outcome = self.put_create_only(key, &location, payload).await?;
-        // On AlreadyExists too: the earlier writer may have died before its fsync, so the
-        // object is made durable now, before anyone reports it archived.
-        if immediate {
+        let store = match (immediate, self.is_local()) {
+            (false, true) => &self.store,
+            _ => &self.create_store,
+        };
+        let outcome = self.put_create_only(key, &location, payload, store).await?;
+        // A name already taken may hold the object of a writer that died before its fsync (an
+        // older pitr, or a deferred write), so it is made durable now, before anyone reports it
+        // archived. A new object on `file://` was made durable by the write itself.
+        if immediate && outcome == PutOutcome::AlreadyExists {
             self.sync_if_local(key, &location)?;
         }
         Ok(outcome)
@@ -564,6 +758,7 @@ impl Repository {
         key: &str,
         location: &Path,
         payload: PutPayload,
+        store: &Arc<dyn ObjectStore>,
     ) -> Result<PutOutcome, RepositoryError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut backoff = CREATE_RETRY_BACKOFF;
@@ -573,9 +768,7 @@ impl Repository {
                 mode: PutMode::Create,
                 ..PutOptions::default()
             };
-            let put = self
-                .create_store
-                .put_opts(location, payload.clone(), options);
+            let put = store.put_opts(location, payload.clone(), options);
             let error = match tokio::time::timeout_at(deadline, put).await {
                 Ok(Ok(_)) => return Ok(PutOutcome::Created),
                 Ok(Err(object_store::Error::AlreadyExists { .. })) => {
@@ -677,7 +870,7 @@ impl Repository {
                 detail: format!("reading {key} failed: {error}"),
             }),
             Err(EnvelopeError::Sink(error)) => Err(RepositoryError::Sink(error)),
-            Err(error) => Err(RepositoryError::Envelope(error.to_string())),
+            Err(error) => Err(RepositoryError::Envelope(error)),
         }
     }
 
@@ -777,6 +970,24 @@ pub fn check_same_cluster(
     Ok(())
 }
 
+/// Creates a `file://` repository's directory, 0700 like every directory pitr makes there,
+/// and makes its entry durable. The umask (`main` sets 077) keeps object_store's own files and
+/// directories private too.
+fn create_local_root(root: &FsPath) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if root.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)?;
+    match root.parent() {
+        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 /// Makes a stored local object durable: its data, then each directory from it up to the root.
 fn sync_local_object(root: &FsPath, location: &Path) -> io::Result<()> {
     let path = root.join(location.as_ref());
@@ -867,7 +1078,45 @@ fn build_s3(
     for (key, value) in &settings.store_options {
         builder = builder.with_config(key.parse::<AmazonS3ConfigKey>()?, value);
     }
+    let source = s3_credential_source(&builder);
+    if source == S3_INSTANCE_METADATA && !settings.store_instance_metadata {
+        return Err(object_store::Error::Generic {
+            store: "S3",
+            source: "no credentials are configured and the instance metadata endpoint is turned off (store_instance_metadata = false); set aws_access_key_id and aws_secret_access_key in [store] or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a web identity".into(),
+        });
+    }
+    // Once per process: the daemon and the backup open the store more than once.
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    LOGGED.call_once(|| tracing::info!(repository = url, "S3 credentials: {source}"));
     Ok(Arc::new(builder.build()?))
+}
+
+const S3_INSTANCE_METADATA: &str = "the instance metadata endpoint (no other credentials are configured; store_instance_metadata = false turns this off)";
+
+/// Which credentials object_store will use, in the order it tries them. Without any, it asks
+/// the instance metadata endpoint, which outside a cloud VM only times out: worth saying.
+fn s3_credential_source(builder: &object_store::aws::AmazonS3Builder) -> &'static str {
+    use object_store::aws::AmazonS3ConfigKey;
+    let set = |key: AmazonS3ConfigKey| {
+        builder
+            .get_config_value(&key)
+            .is_some_and(|v| !v.is_empty())
+    };
+    let environment = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    let unsigned = builder.get_config_value(&AmazonS3ConfigKey::SkipSignature);
+    if unsigned.is_some_and(|value| value == "true") {
+        "none: requests are unsigned (aws_skip_signature)"
+    } else if set(AmazonS3ConfigKey::AccessKeyId) && set(AmazonS3ConfigKey::SecretAccessKey) {
+        "a static access key (aws_access_key_id or AWS_ACCESS_KEY_ID)"
+    } else if environment("AWS_WEB_IDENTITY_TOKEN_FILE") && environment("AWS_ROLE_ARN") {
+        "a web identity token (AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN)"
+    } else if set(AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
+        || set(AmazonS3ConfigKey::ContainerCredentialsFullUri)
+    {
+        "the container credentials endpoint (AWS_CONTAINER_CREDENTIALS_*)"
+    } else {
+        S3_INSTANCE_METADATA
+    }
 }
 
 fn build_gcs(
@@ -930,10 +1179,20 @@ pub enum RepositoryError {
         "cannot reach the repository at {url}: {detail}; check PITR_REPO, the endpoint, credentials and network"
     )]
     Unreachable { url: String, detail: String },
+    #[error(
+        "the store behind repository {url} refused pitr's credentials: {detail}; check the credentials and the permissions on the bucket (waiting will not help)"
+    )]
+    Denied { url: String, detail: String },
+    #[error(
+        "the store behind repository {0} overwrote an existing object on a create-only write (it ignores If-None-Match), so archived WAL would not be safe there; use a store with conditional writes, or for an S3-compatible store without them set aws_conditional_put = 'dynamo:<table>' in [store]"
+    )]
+    Overwrites(String),
+    #[error("repository {url}: {detail}; check the store's settings")]
+    Store { url: String, detail: String },
     #[error("repository {url}: {detail}")]
     Io { url: String, detail: String },
     #[error("{0}")]
-    Envelope(String),
+    Envelope(EnvelopeError),
     #[error("{0}")]
     Sink(io::Error),
     #[error("object not found")]
@@ -941,10 +1200,22 @@ pub enum RepositoryError {
 }
 
 impl RepositoryError {
+    /// Keeps the store's error kind: only a store that could not be reached (a transport
+    /// failure, a timeout, a server error) is `Unreachable`, which is what the outage spool
+    /// waits out. A refusal of the credentials would never heal by waiting, so it fails at once.
     fn from_store(url: &str, what: &str, error: object_store::Error) -> Self {
         match error {
             object_store::Error::NotFound { .. } => RepositoryError::NotFound,
-            other => RepositoryError::Unreachable {
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => RepositoryError::Denied {
+                url: url.to_string(),
+                detail: format!("{what} was refused: {}", one_line(&error)),
+            },
+            object_store::Error::Generic { .. } => RepositoryError::Unreachable {
+                url: url.to_string(),
+                detail: format!("{what} failed: {}", one_line(&error)),
+            },
+            other => RepositoryError::Store {
                 url: url.to_string(),
                 detail: format!("{what} failed: {}", one_line(&other)),
             },

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use crate::config::Settings;
 use crate::envelope::{ContentSummary, EncodeOptions};
 use crate::outage_spool::OutageSpool;
-use crate::repository::{Identity, PutOutcome, Repository, check_same_cluster};
+use crate::repository::{Identity, PutOutcome, Repository, RepositoryError, check_same_cluster};
 use crate::wal::{self, SegmentHeader, WalFileName};
 
 /// What happened to the pushed file.
@@ -223,7 +223,7 @@ async fn push_to_repository(
             (PutOutcome::AlreadyExists, content) => content,
         }
     };
-    compare_with_stored(repository, &key, &file_name, &file.path, content).await
+    compare_with_stored(repository, &key, &file_name, &file.path, content, options).await
 }
 
 /// A name already taken: succeed only if the stored object decodes, verifies and holds exactly
@@ -235,11 +235,22 @@ async fn compare_with_stored(
     file_name: &str,
     path: &Path,
     mut content: ContentSummary,
+    options: &EncodeOptions,
 ) -> Result<PushOutcome> {
-    let stored = repository
-        .authenticate_object(key)
-        .await
-        .with_context(|| format!("{file_name} is already archived but the stored copy cannot be verified; it was left untouched"))?;
+    let stored = match repository.authenticate_object(key).await {
+        // A damaged object (torn by a crash, or planted) holds nothing worth keeping, and this
+        // file is verified WAL of this cluster: store it in its place rather than block
+        // archiving forever.
+        Err(RepositoryError::Envelope(error)) if error.is_damaged_object() => {
+            tracing::warn!(key, "the stored copy failed verification ({error}); replacing it");
+            if repository.replace_damaged(key, path, options).await? {
+                return Ok(PushOutcome::Stored);
+            }
+            repository.authenticate_object(key).await
+        }
+        other => other,
+    }
+    .with_context(|| format!("{file_name} is already archived but the stored copy cannot be verified; it was left untouched"))?;
     let Some(header) = stored else {
         bail!(
             "{file_name} was reported as existing but cannot be read back from {}; retry",

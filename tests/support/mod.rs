@@ -50,6 +50,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The pitr binary under test: this build's, or `PITR_TEST_BINARY` (an older build, to see a
+/// new test fail on the code it was written against).
+pub fn pitr_binary() -> PathBuf {
+    std::env::var_os("PITR_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pitr")))
+}
+
 /// A scratch directory owned by the user Postgres runs as, with its own copy of the pitr binary
 /// (the checkout itself may not be readable by that user).
 pub struct Workspace {
@@ -69,11 +77,7 @@ impl Workspace {
         // Copied by a child process, never by this one: a file this process holds open for
         // writing is inherited by every child another test thread forks meanwhile, and exec of
         // the copy then fails with "Text file busy" until those children exec in turn.
-        run_checked(
-            Command::new("cp")
-                .arg(env!("CARGO_BIN_EXE_pitr"))
-                .arg(&pitr),
-        );
+        run_checked(Command::new("cp").arg(pitr_binary()).arg(&pitr));
         let workspace = Workspace { root, pitr };
         workspace.give_to_postgres(workspace.root.path());
         workspace

@@ -1,0 +1,669 @@
+//! What a reader refuses, against a real PostgreSQL 15 and real repositories: objects forged by
+//! someone who can write to the storage but holds no key, and an operator's mistakes with the
+//! keyring and the repository URL. Each case asserts the exact message, a non-zero exit, and
+//! that nothing reached the destination.
+//!
+//! The forged-object suite covers every object kind a reader meets (segment, history, manifest,
+//! chunk, index entry, identity) with four forgeries each: an unencrypted copy with a correct
+//! checksum, a copy encrypted under a foreign key, a copy with an edited header, and a genuine
+//! object moved under another name.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use pitr::envelope::{self, DecodeMode, EncodeOptions};
+use pitr::keyring::Keyring;
+use support::{Cluster, Workspace, pg15_available, stderr_of};
+
+/// A stopped primary that archived into an encrypted file:// repository, took a backup, and
+/// was restored once to a time (which wrote the commit-timestamp index).
+struct Fixture {
+    workspace: Workspace,
+    _primary: Cluster,
+    config: PathBuf,
+    repository: PathBuf,
+    keyring_path: PathBuf,
+    backup: String,
+    target_time: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let workspace = Workspace::new();
+        let (config, repository) = workspace.encrypted_file_repository("store_timeout = 20\n");
+        let keyring_path = workspace.path("keyring");
+        let archive_command = workspace.archive_command(&config);
+        let mut primary = Cluster::init(
+            &workspace,
+            "primary",
+            &format!(
+                "wal_level = replica\narchive_mode = on\narchive_command = '{archive_command}'\ntimezone = 'UTC'"
+            ),
+        );
+        primary.start();
+        primary.sql("create table ledger (id int primary key)");
+        primary.sql("insert into ledger select generate_series(1, 100)");
+        let output = workspace.pitr_with_env(&config, &["backup"], &primary.libpq_environment());
+        assert!(output.status.success(), "backup: {}", stderr_of(&output));
+        primary.sql("insert into ledger values (101)");
+        std::thread::sleep(Duration::from_millis(50));
+        let target_time = primary.sql("select now()::text");
+        std::thread::sleep(Duration::from_millis(50));
+        primary.sql("insert into ledger values (102)");
+        primary.sql("select pg_switch_wal()");
+        primary.wait_until_archived(Duration::from_secs(60));
+        primary.stop();
+        let backups = std::fs::read_dir(repository.join("backups")).unwrap();
+        let backup = backups
+            .flatten()
+            .map(|entry| entry.file_name().into_string().unwrap())
+            .next()
+            .unwrap();
+        let fixture = Fixture {
+            workspace,
+            _primary: primary,
+            config,
+            repository,
+            keyring_path,
+            backup,
+            target_time,
+        };
+        let output = fixture.restore("first-restore", &["--target-time", &fixture.target_time]);
+        assert!(output.status.success(), "restore: {}", stderr_of(&output));
+        assert!(
+            fixture.keys_under("index").next().is_some(),
+            "the restore to a time wrote no index entries"
+        );
+        fixture
+    }
+
+    fn keyring(&self) -> Keyring {
+        Keyring::load(&self.keyring_path).unwrap()
+    }
+
+    /// Every object key under `prefix`, sorted.
+    fn keys_under(&self, prefix: &str) -> impl Iterator<Item = String> {
+        let mut keys = Vec::new();
+        let mut pending = vec![self.repository.join(prefix)];
+        while let Some(directory) = pending.pop() {
+            for entry in std::fs::read_dir(&directory)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = entry.path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else {
+                    let key = path.strip_prefix(&self.repository).unwrap();
+                    keys.push(key.to_str().unwrap().to_string());
+                }
+            }
+        }
+        keys.sort();
+        keys.into_iter()
+    }
+
+    fn segments(&self) -> Vec<String> {
+        self.keys_under("wal/00000001")
+            .filter(|key| key.len() == "wal/00000001/".len() + 24)
+            .collect()
+    }
+
+    /// The plaintext of a genuine object, decoded with the repository's keyring.
+    fn plaintext(&self, key: &str) -> Vec<u8> {
+        let object = std::fs::read(self.repository.join(key)).unwrap();
+        let keyring = self.keyring();
+        let mut plaintext = Vec::new();
+        envelope::decode(
+            &object[..],
+            key,
+            Some(&keyring),
+            &mut plaintext,
+            DecodeMode::Alone,
+        )
+        .unwrap();
+        plaintext
+    }
+
+    /// Replaces (or creates) the object at `key` with `bytes`, owned by the Postgres user.
+    fn plant(&self, key: &str, bytes: &[u8]) {
+        let path = self.repository.join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        self.workspace.give_to_postgres(&self.repository);
+    }
+
+    fn restore(&self, name: &str, arguments: &[&str]) -> Output {
+        let data = self.workspace.path(name);
+        let mut command = vec!["restore", "--pgdata", data.to_str().unwrap()];
+        command.extend_from_slice(arguments);
+        self.workspace.pitr(&self.config, &command)
+    }
+
+    fn archive_get(&self, name: &str, destination: &Path) -> Output {
+        self.workspace.pitr(
+            &self.config,
+            &["archive-get", name, destination.to_str().unwrap()],
+        )
+    }
+
+    /// A directory owned by the Postgres user for archive-get to write into.
+    fn destination(&self, name: &str) -> PathBuf {
+        let directory = self.workspace.path(name);
+        std::fs::create_dir_all(&directory).unwrap();
+        self.workspace.give_to_postgres(&directory);
+        directory
+    }
+}
+
+/// The four forgeries of an object whose genuine copy is at `key`, each as the bytes to plant
+/// at `key`, with the reason each is refused. `other_key` is a genuine object of the same kind.
+fn forgeries(
+    fixture: &Fixture,
+    key: &str,
+    other_key: &str,
+) -> Vec<(&'static str, Vec<u8>, String)> {
+    let plaintext = fixture.plaintext(key);
+    let options = EncodeOptions::default();
+    let join = |parts: Vec<bytes::Bytes>| parts.iter().flat_map(|part| part.to_vec()).collect();
+
+    let (_, unencrypted) = envelope::encode_bytes(&plaintext, key, None, &options).unwrap();
+    let foreign_path = fixture
+        .workspace
+        .keygen(&format!("foreign-{}", key.replace('/', "-")));
+    let foreign = Keyring::load(&foreign_path).unwrap();
+    let (_, foreign_sealed) =
+        envelope::encode_bytes(&plaintext, key, Some(&foreign), &options).unwrap();
+    let foreign_id = std::fs::read_to_string(&foreign_path).unwrap();
+    let foreign_id = foreign_id
+        .lines()
+        .find_map(|line| line.strip_prefix("id = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+
+    // An edited header with its CRC made right again: the plaintext length, which the data
+    // key's wrapping authenticates.
+    let mut edited = std::fs::read(fixture.repository.join(key)).unwrap();
+    edited[12] ^= 0x01;
+    let header_length = 130 + key.len();
+    let crc = crc32fast::hash(&edited[..header_length]);
+    edited[header_length..header_length + 4].copy_from_slice(&crc.to_le_bytes());
+
+    let moved = std::fs::read(fixture.repository.join(other_key)).unwrap();
+    vec![
+        (
+            "an unencrypted copy",
+            join(unencrypted),
+            format!(
+                "object {key} is not encrypted, but this repository is; it was refused as forged (anyone who can write to the storage can plant such an object): delete it, archive it again from its source, and check who can write to the repository"
+            ),
+        ),
+        (
+            "a copy under a foreign key",
+            join(foreign_sealed),
+            format!(
+                "object {key} is encrypted with key {foreign_id}, which the keyring does not hold; use the keyring the repository was written with"
+            ),
+        ),
+        (
+            "a copy with an edited header",
+            edited,
+            format!(
+                "object {key} failed authentication; it is corrupt, truncated or was tampered with, and was not used"
+            ),
+        ),
+        (
+            "a genuine object moved under another name",
+            moved,
+            format!(
+                "object {key} holds data for {other_key}; it was renamed or copied from elsewhere and was not used"
+            ),
+        ),
+    ]
+}
+
+/// Plants each forgery of `key` in turn, runs `read`, and checks it is refused with the
+/// forgery's reason (`message` turns the reason into the command's whole stderr), then puts
+/// the genuine object back.
+fn each_forgery_refused(
+    fixture: &Fixture,
+    key: &str,
+    other_key: &str,
+    message: impl Fn(&str) -> String,
+    read: impl Fn(&str) -> (Output, bool),
+) {
+    let genuine = std::fs::read(fixture.repository.join(key)).ok();
+    for (index, (forgery, bytes, reason)) in
+        forgeries(fixture, key, other_key).into_iter().enumerate()
+    {
+        fixture.plant(key, &bytes);
+        let (output, reached_destination) = read(&format!("{index}"));
+        assert_eq!(
+            (output.status.code(), stderr_of(&output)),
+            (Some(1), message(&reason)),
+            "{forgery} of {key}"
+        );
+        assert!(
+            !reached_destination,
+            "{forgery} of {key} reached the destination"
+        );
+    }
+    match genuine {
+        Some(bytes) => fixture.plant(key, &bytes),
+        None => std::fs::remove_file(fixture.repository.join(key)).unwrap(),
+    }
+}
+
+#[test]
+fn forged_objects_of_every_kind_are_refused() {
+    if !pg15_available() {
+        return;
+    }
+    let fixture = Fixture::new();
+    let segments = fixture.segments();
+    let destination = fixture.destination("fetched");
+    let fetch = |name: &str| {
+        let fixture = &fixture;
+        let destination = destination.clone();
+        let name = name.to_string();
+        move |attempt: &str| {
+            let target = destination.join(format!("RECOVERYXLOG{attempt}"));
+            let output = fixture.archive_get(&name, &target);
+            (output, target.exists())
+        }
+    };
+    let get_error = |reason: &str| format!("pitr archive-get: error: {reason}");
+
+    // A segment.
+    let segment = segments[1].rsplit('/').next().unwrap().to_string();
+    each_forgery_refused(
+        &fixture,
+        &segments[1],
+        &segments[0],
+        get_error,
+        fetch(&segment),
+    );
+
+    // A history file: planted where Postgres asks for the next timeline's history, which the
+    // repository does not hold; the genuine object it is derived from is a segment's.
+    let history = "wal/00000002/00000002.history";
+    fixture.plant(
+        history,
+        &std::fs::read(fixture.repository.join(&segments[0])).unwrap(),
+    );
+    let genuine_history = envelope::encode_bytes(
+        b"1\t0/3000000\tno recovery target specified\n",
+        history,
+        Some(&fixture.keyring()),
+        &EncodeOptions::default(),
+    )
+    .unwrap()
+    .1
+    .iter()
+    .flat_map(|part| part.to_vec())
+    .collect::<Vec<u8>>();
+    fixture.plant(history, &genuine_history);
+    each_forgery_refused(
+        &fixture,
+        history,
+        &segments[0],
+        get_error,
+        fetch("00000002.history"),
+    );
+    std::fs::remove_file(fixture.repository.join(history)).unwrap();
+
+    // A manifest, a chunk and an index entry: each read by a restore, which must fail before
+    // the directory could start.
+    let restore_error = |reason: &str| format!("pitr restore: error: {reason}");
+    let restored = |arguments: &'static [&'static str]| {
+        let fixture = &fixture;
+        move |attempt: &str| {
+            let name = format!("restore-{attempt}-{}", arguments.len());
+            let output = fixture.restore(&name, arguments);
+            let started = fixture
+                .workspace
+                .path(&name)
+                .join("global/pg_control")
+                .exists();
+            (output, started)
+        }
+    };
+    // A second manifest would be read (and refused) first, so the object moved under the
+    // manifest's name is a segment.
+    let manifest = format!("backups/{}/manifest", fixture.backup);
+    each_forgery_refused(
+        &fixture,
+        &manifest,
+        &segments[0],
+        restore_error,
+        restored(&[]),
+    );
+
+    // A chunk that one file alone holds, so the restore's message names that file.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fixture.plaintext(&manifest)).unwrap();
+    let mut holders = std::collections::HashMap::<String, Vec<String>>::new();
+    for file in manifest["files"].as_array().unwrap() {
+        for chunk in file["chunks"].as_array().unwrap() {
+            let id = chunk.as_str().unwrap().to_string();
+            holders
+                .entry(id)
+                .or_default()
+                .push(file["path"].as_str().unwrap().to_string());
+        }
+    }
+    let (chunk_id, holder) = holders
+        .iter()
+        .filter(|(_, files)| files.len() == 1)
+        .max_by_key(|(id, _)| {
+            let key = format!("chunks/{}/{id}", &id[..2]);
+            std::fs::metadata(fixture.repository.join(key))
+                .unwrap()
+                .len()
+        })
+        .map(|(id, files)| (id.clone(), files[0].clone()))
+        .unwrap();
+    let chunk = format!("chunks/{}/{chunk_id}", &chunk_id[..2]);
+    let other_chunk = fixture
+        .keys_under("chunks")
+        .find(|key| *key != chunk)
+        .unwrap();
+    let chunk_error = |reason: &str| {
+        format!(
+            "pitr restore: error: restoring {holder} failed at chunk {chunk_id}; the restored directory is incomplete and will not start: {reason}"
+        )
+    };
+    each_forgery_refused(&fixture, &chunk, &other_chunk, chunk_error, restored(&[]));
+
+    let index: Vec<String> = fixture.keys_under("index").collect();
+    let target_time: &'static str = Box::leak(fixture.target_time.clone().into_boxed_str());
+    let arguments: &'static [&'static str] = Box::leak(Box::new(["--target-time", target_time]));
+    for entry in &index {
+        let other = index
+            .iter()
+            .find(|key| *key != entry)
+            .unwrap_or(&segments[0]);
+        each_forgery_refused(&fixture, entry, other, restore_error, restored(arguments));
+    }
+
+    // With every genuine object back, the restore still reaches its target.
+    let output = fixture.restore("after-forgeries", &["--target-time", &fixture.target_time]);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+}
+
+#[test]
+fn a_forged_identity_is_refused() {
+    if !pg15_available() {
+        return;
+    }
+    let fixture = Fixture::new();
+    let segment = fixture.segments()[0]
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let destination = fixture.destination("fetched");
+    let target = destination.join("RECOVERYXLOG");
+    let genuine = std::fs::read_to_string(fixture.repository.join("pitr.identity")).unwrap();
+    let url = format!("file://{}", fixture.repository.display());
+    let identity: serde_json::Value = serde_json::from_str(&genuine).unwrap();
+    let edit = |change: &dyn Fn(&mut serde_json::Value)| {
+        let mut forged = identity.clone();
+        change(&mut forged);
+        serde_json::to_string(&forged).unwrap()
+    };
+    let foreign = Keyring::load(&fixture.workspace.keygen("foreign")).unwrap();
+    let foreign_id = foreign.newest().id.to_string();
+    let foreign_check = foreign.newest().check_value();
+    let keyring = fixture.keyring_path.display();
+    let cases = [
+        (
+            edit(&|identity| identity["encryption"] = serde_json::Value::Null),
+            format!(
+                "wrong keyring for repository {url}: the repository was created without encryption but keyring {keyring} is configured; unset PITR_KEY_FILE or use a new repository"
+            ),
+        ),
+        (
+            edit(&|identity| {
+                identity["encryption"]["key_id"] = foreign_id.clone().into();
+                identity["encryption"]["key_check"] = foreign_check.clone().into();
+            }),
+            format!(
+                "wrong keyring for repository {url}: the repository was created with key {foreign_id}, which keyring {keyring} does not hold; use the repository's own keyring"
+            ),
+        ),
+        (
+            edit(&|identity| identity["wal_segment_size"] = 0.into()),
+            format!(
+                "repository {url} is damaged: its identity object says wal_segment_size 0, which is not a power of two from 1 MiB to 1 GiB; restore pitr.identity from a copy, or use a new repository"
+            ),
+        ),
+        (
+            edit(&|identity| identity["wal_segment_size"] = 3_000_000.into()),
+            format!(
+                "repository {url} is damaged: its identity object says wal_segment_size 3000000, which is not a power of two from 1 MiB to 1 GiB; restore pitr.identity from a copy, or use a new repository"
+            ),
+        ),
+        (
+            edit(&|identity| identity["pg_version"] = 120000.into()),
+            format!(
+                "repository {url} is damaged: its identity object says pg_version 120000, which is not a PostgreSQL version from 13 to 18; restore pitr.identity from a copy, or use a new repository"
+            ),
+        ),
+        (
+            edit(&|identity| identity["system_identifier"] = "0".into()),
+            format!(
+                "repository {url} is damaged: its identity object says system_identifier 0, which no database system has; restore pitr.identity from a copy, or use a new repository"
+            ),
+        ),
+        (
+            edit(&|identity| identity["encryption"]["cipher"] = "none".into()),
+            format!(
+                "repository {url} is damaged: its identity object says cipher 'none', which this pitr does not know; restore pitr.identity from a copy, or use a new repository"
+            ),
+        ),
+        (
+            "{\"format\": \"pitr\"".to_string(),
+            format!(
+                "repository {url} is damaged: its identity object is not valid: EOF while parsing an object at line 1 column 17; restore pitr.identity from a copy, or use a new repository"
+            ),
+        ),
+    ];
+    for (forged, expected) in cases {
+        fixture.plant("pitr.identity", forged.as_bytes());
+        let output = fixture.archive_get(&segment, &target);
+        assert_eq!(
+            (output.status.code(), stderr_of(&output)),
+            (Some(1), format!("pitr archive-get: error: {expected}")),
+            "identity {forged}"
+        );
+        assert!(!target.exists());
+    }
+    fixture.plant("pitr.identity", genuine.as_bytes());
+    let output = fixture.archive_get(&segment, &target);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+}
+
+/// A keyring file with `body`, owned by the Postgres user, with `mode`.
+fn keyring_file(workspace: &Workspace, name: &str, body: &str, mode: u32) -> PathBuf {
+    let path = workspace.path(name);
+    std::fs::write(&path, body).unwrap();
+    workspace.give_to_postgres(&path);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+fn keygen_output(workspace: &Workspace, config: &Path) -> Output {
+    workspace.pitr(config, &["wal", "list"])
+}
+
+#[test]
+fn keyrings_others_can_read_or_write_are_refused() {
+    let workspace = Workspace::new();
+    let genuine = std::fs::read_to_string(workspace.keygen("keyring")).unwrap();
+    let repository = workspace.path("repo");
+    let config_for = |keyring: &Path| {
+        workspace.write_config(
+            &format!("{}.toml", keyring.file_name().unwrap().to_str().unwrap()),
+            &format!(
+                "repo = 'file://{}'\nkey_file = '{}'\n",
+                repository.display(),
+                keyring.display()
+            ),
+        )
+    };
+    for (mode, problem) in [
+        (0o666, "is writable by other users (mode 0666)"),
+        (0o620, "is writable by its group (mode 0620)"),
+        (0o644, "is readable by every user (mode 0644)"),
+        (0o604, "is readable by every user (mode 0604)"),
+    ] {
+        let keyring = keyring_file(&workspace, &format!("keyring-{mode:o}"), &genuine, mode);
+        let output = keygen_output(&workspace, &config_for(&keyring));
+        assert_eq!(
+            (output.status.code(), stderr_of(&output)),
+            (
+                Some(1),
+                format!(
+                    "pitr wal list: error: keyring {} {problem}; run chmod 0600 {} (or 0640 for a group that must read it, such as a Kubernetes fsGroup)",
+                    keyring.display(),
+                    keyring.display()
+                )
+            ),
+            "mode {mode:o}"
+        );
+    }
+    // Group-readable is allowed: a Kubernetes Secret mounted with defaultMode 0440 and an
+    // fsGroup. The repository does not exist yet, which is what the command then says.
+    for mode in [0o600, 0o400, 0o640, 0o440] {
+        let keyring = keyring_file(&workspace, &format!("keyring-ok-{mode:o}"), &genuine, mode);
+        let output = keygen_output(&workspace, &config_for(&keyring));
+        assert!(
+            !stderr_of(&output).contains("keyring"),
+            "mode {mode:o}: {}",
+            stderr_of(&output)
+        );
+    }
+}
+
+#[test]
+fn key_material_never_appears_in_an_error() {
+    let workspace = Workspace::new();
+    let genuine = std::fs::read_to_string(workspace.keygen("keyring")).unwrap();
+    let key = genuine
+        .lines()
+        .find_map(|line| line.strip_prefix("key = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let id = genuine
+        .lines()
+        .find_map(|line| line.strip_prefix("id = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let swapped = genuine
+        .replace(&format!("id = \"{id}\""), "id = \"SWAP\"")
+        .replace(&format!("key = \"{key}\""), &format!("key = \"{id}\""))
+        .replace("id = \"SWAP\"", &format!("id = \"{key}\""));
+    let truncated = genuine.replace(&key, &key[..63]);
+    let not_toml = format!("[[keys]]\nid = \"{id}\"\nkey = {key}\n");
+    let repository = workspace.path("repo");
+    for (name, body, problem) in [
+        (
+            "swapped",
+            swapped,
+            "the id of key 1 is not 16 hex digits".to_string(),
+        ),
+        (
+            "truncated",
+            truncated,
+            format!("key 1 (id {id}) is not 64 hex digits"),
+        ),
+        (
+            "not-toml",
+            not_toml,
+            "it is not valid TOML (line 3)".to_string(),
+        ),
+    ] {
+        let keyring = keyring_file(&workspace, name, &body, 0o600);
+        let config = workspace.write_config(
+            &format!("{name}.toml"),
+            &format!(
+                "repo = 'file://{}'\nkey_file = '{}'\n",
+                repository.display(),
+                keyring.display()
+            ),
+        );
+        let output = workspace.pitr(&config, &["wal", "list"]);
+        let stderr = stderr_of(&output);
+        assert_eq!(
+            (output.status.code(), stderr.as_str()),
+            (
+                Some(1),
+                format!(
+                    "pitr wal list: error: keyring {} is malformed: {problem}; fix the file, or restore it from your copy",
+                    keyring.display()
+                )
+                .as_str()
+            ),
+            "{name}"
+        );
+        assert!(
+            !stderr.contains(&key[..16]),
+            "{name}: key material in {stderr}"
+        );
+        for window in key.as_bytes().windows(8) {
+            assert!(
+                !stderr.contains(std::str::from_utf8(window).unwrap()),
+                "{name}: key material in {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn file_urls_are_decoded_and_a_host_is_refused() {
+    let workspace = Workspace::new();
+    let config = workspace.write_config(
+        "spaced.toml",
+        &format!("repo = 'file://{}'\n", workspace.path("repo%20a").display()),
+    );
+    // The URL is percent-decoded: nothing is ever made under the literal name.
+    let output = workspace.pitr(&config, &["wal", "list"]);
+    assert_eq!(
+        (output.status.code(), stderr_of(&output)),
+        (
+            Some(1),
+            format!(
+                "pitr wal list: error: no pitr repository at file://{} (it has no identity object yet); check PITR_REPO, or archive a segment to create it",
+                workspace.path("repo%20a").display()
+            )
+        )
+    );
+    assert!(!workspace.path("repo%20a").exists());
+
+    for (url, host) in [
+        ("file://tmp/x", "tmp"),
+        ("file://backup-host/srv/repo", "backup-host"),
+    ] {
+        let config = workspace.write_config("host.toml", &format!("repo = '{url}'\n"));
+        let output = workspace.pitr(&config, &["wal", "list"]);
+        assert_eq!(
+            (output.status.code(), stderr_of(&output)),
+            (
+                Some(1),
+                format!(
+                    "pitr wal list: error: repository URL '{url}' is not valid: a file:// URL names a local path, not the host '{host}'; write file:///path (three slashes)"
+                )
+            )
+        );
+    }
+    assert!(!Path::new("/x").exists());
+}

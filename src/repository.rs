@@ -197,11 +197,17 @@ impl Repository {
             max_retries: 0,
             ..retry_config(settings.store_timeout)
         };
+        let built = |result: Result<Arc<dyn ObjectStore>, RemoteBuildError>| {
+            result.map_err(|error| match error {
+                RemoteBuildError::Store(error) => bad_url(error.to_string()),
+                RemoteBuildError::NoCredentials(detail) => RepositoryError::Config(format!(
+                    "no credentials for repository {url_text}: {detail}"
+                )),
+            })
+        };
         let remote = |build: RemoteBuilder| -> Result<[Arc<dyn ObjectStore>; 2], RepositoryError> {
-            let store =
-                build(url_text, settings, retrying.clone()).map_err(|e| bad_url(e.to_string()))?;
-            let create_store =
-                build(url_text, settings, once.clone()).map_err(|e| bad_url(e.to_string()))?;
+            let store = built(build(url_text, settings, retrying.clone()))?;
+            let create_store = built(build(url_text, settings, once.clone()))?;
             Ok([store, create_store])
         };
         let ([store, create_store], prefix, local_root) = match url.scheme() {
@@ -1035,7 +1041,20 @@ fn is_transient(error: &object_store::Error) -> bool {
     matches!(error, object_store::Error::Generic { .. })
 }
 
-type RemoteBuilder = fn(&str, &Settings, RetryConfig) -> object_store::Result<Arc<dyn ObjectStore>>;
+type RemoteBuilder =
+    fn(&str, &Settings, RetryConfig) -> Result<Arc<dyn ObjectStore>, RemoteBuildError>;
+
+/// Why a remote store could not be built: a bad URL or option, or no credentials to use.
+enum RemoteBuildError {
+    Store(object_store::Error),
+    NoCredentials(String),
+}
+
+impl From<object_store::Error> for RemoteBuildError {
+    fn from(error: object_store::Error) -> Self {
+        RemoteBuildError::Store(error)
+    }
+}
 
 fn retry_config(timeout: Duration) -> RetryConfig {
     RetryConfig {
@@ -1069,7 +1088,7 @@ fn build_s3(
     url: &str,
     settings: &Settings,
     retry: RetryConfig,
-) -> object_store::Result<Arc<dyn ObjectStore>> {
+) -> Result<Arc<dyn ObjectStore>, RemoteBuildError> {
     use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
     let mut builder = AmazonS3Builder::from_env().with_url(url).with_retry(retry);
     for (key, value) in client_timeouts(settings.store_timeout) {
@@ -1080,10 +1099,7 @@ fn build_s3(
     }
     let source = s3_credential_source(&builder);
     if source == S3_INSTANCE_METADATA && !settings.store_instance_metadata {
-        return Err(object_store::Error::Generic {
-            store: "S3",
-            source: "no credentials are configured and the instance metadata endpoint is turned off (store_instance_metadata = false); set aws_access_key_id and aws_secret_access_key in [store] or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a web identity".into(),
-        });
+        return Err(RemoteBuildError::NoCredentials("none are configured and the instance metadata endpoint is turned off (store_instance_metadata = false); set aws_access_key_id and aws_secret_access_key in [store] (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), or use a web identity".to_string()));
     }
     // Once per process: the daemon and the backup open the store more than once.
     static LOGGED: std::sync::Once = std::sync::Once::new();
@@ -1123,7 +1139,7 @@ fn build_gcs(
     url: &str,
     settings: &Settings,
     retry: RetryConfig,
-) -> object_store::Result<Arc<dyn ObjectStore>> {
+) -> Result<Arc<dyn ObjectStore>, RemoteBuildError> {
     use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
     let mut builder = GoogleCloudStorageBuilder::from_env()
         .with_url(url)
@@ -1141,7 +1157,7 @@ fn build_azure(
     url: &str,
     settings: &Settings,
     retry: RetryConfig,
-) -> object_store::Result<Arc<dyn ObjectStore>> {
+) -> Result<Arc<dyn ObjectStore>, RemoteBuildError> {
     use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
     let mut builder = MicrosoftAzureBuilder::from_env()
         .with_url(url)

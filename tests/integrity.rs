@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use pitr::envelope::{self, DecodeMode, EncodeOptions};
 use pitr::keyring::Keyring;
-use support::{Cluster, Workspace, pg15_available, stderr_of};
+use support::{Cluster, S3Server, Workspace, pg15_available, stderr_of};
 
 /// A stopped primary that archived into an encrypted file:// repository, took a backup, and
 /// was restored once to a time (which wrote the commit-timestamp index).
@@ -41,7 +41,7 @@ impl Fixture {
             &workspace,
             "primary",
             &format!(
-                "wal_level = replica\narchive_mode = on\narchive_command = '{archive_command}'\ntimezone = 'UTC'"
+                "wal_level = replica\narchive_mode = on\narchive_command = '{archive_command}'\ntimezone = 'UTC'\nwal_keep_size = '1GB'"
             ),
         );
         primary.start();
@@ -666,4 +666,272 @@ fn file_urls_are_decoded_and_a_host_is_refused() {
         );
     }
     assert!(!Path::new("/x").exists());
+}
+
+#[test]
+fn a_torn_stored_object_is_replaced_on_the_next_push() {
+    if !pg15_available() {
+        return;
+    }
+    let fixture = Fixture::new();
+    let key = fixture.segments()[1].clone();
+    let name = key.rsplit('/').next().unwrap().to_string();
+    let segment = fixture.workspace.path("primary/pg_wal").join(&name);
+    let object = fixture.repository.join(&key);
+    let genuine_length = std::fs::metadata(&object).unwrap().len() as usize;
+    let destination = fixture.destination("fetched");
+    // What a crash between a write and its fsync can leave: an empty object, or a short one.
+    for (attempt, torn_length) in [0, genuine_length / 2].into_iter().enumerate() {
+        let bytes = std::fs::read(&object).unwrap();
+        fixture.plant(&key, &bytes[..torn_length]);
+        let output = fixture.workspace.pitr(
+            &fixture.config,
+            &["archive-push", segment.to_str().unwrap()],
+        );
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        let target = destination.join(format!("RECOVERYXLOG{attempt}"));
+        let output = fixture.archive_get(&name, &target);
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        assert!(std::fs::read(&target).unwrap() == std::fs::read(&segment).unwrap());
+    }
+    assert!(
+        fixture.keys_under("tmp").next().is_none(),
+        "a staged replacement was left behind"
+    );
+}
+
+#[test]
+fn repository_files_are_private_whatever_the_umask() {
+    if !pg15_available() {
+        return;
+    }
+    // The fixture's archive_command runs under the server's umask (022, from the test runner).
+    let fixture = Fixture::new();
+    let mut pending = vec![fixture.repository.clone()];
+    while let Some(directory) = pending.pop() {
+        let mode = std::fs::metadata(&directory).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", directory.display());
+        for entry in std::fs::read_dir(&directory).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{}", path.display());
+            }
+        }
+    }
+}
+
+/// A stopped cluster with completed segments in pg_wal, for pushes by hand.
+fn stopped_cluster_with_segments(workspace: &Workspace) -> (Cluster, Vec<PathBuf>) {
+    let mut cluster = Cluster::init(workspace, "primary", "wal_keep_size = '1GB'");
+    cluster.start();
+    for _ in 0..2 {
+        cluster.sql("create table if not exists t (x int); insert into t values (1)");
+        cluster.sql("select pg_switch_wal()");
+    }
+    let current = cluster.sql("select pg_walfile_name(pg_current_wal_lsn())");
+    cluster.stop();
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(cluster.data.join("pg_wal"))
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name().into_string().unwrap();
+            name.len() == 24 && name < current
+        })
+        .map(|entry| entry.path())
+        .collect();
+    segments.sort();
+    (cluster, segments)
+}
+
+/// Forwards TCP to `target_port`, renaming every `if-none-match` request header on the way:
+/// the S3 server behind it then overwrites on a create-only write, as a store that ignores
+/// the header does.
+fn header_stripping_proxy(target_port: u16) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target_port)) else {
+                continue;
+            };
+            let (mut from_client, mut to_server) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let mut buffer = vec![0u8; 64 << 10];
+                while let Ok(count) = from_client.read(&mut buffer) {
+                    if count == 0 {
+                        break;
+                    }
+                    let chunk = &mut buffer[..count];
+                    let needle = b"if-none-match:";
+                    let mut at = 0;
+                    while let Some(found) = chunk[at..]
+                        .windows(needle.len())
+                        .position(|window| window.eq_ignore_ascii_case(needle))
+                    {
+                        chunk[at + found..at + found + needle.len()]
+                            .copy_from_slice(b"x-ignored-hdr:");
+                        at += found + needle.len();
+                    }
+                    if to_server.write_all(chunk).is_err() {
+                        break;
+                    }
+                }
+                let _ = to_server.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut from_server, mut to_client) = (server, client);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_server, &mut to_client);
+                let _ = to_client.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_store_that_overwrites_on_create_only_writes_is_refused() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let Some(server) = S3Server::start_anonymous(&workspace) else {
+        return;
+    };
+    let (_cluster, segments) = stopped_cluster_with_segments(&workspace);
+    let proxy = header_stripping_proxy(server.port);
+    let push = |prefix: &str, port: u16| {
+        let config = workspace.write_config(
+            &format!("{prefix}.toml"),
+            &format!(
+                "repo = 's3://{}/{prefix}'\npgdata = '{}'\nstore_timeout = 10\n{}",
+                server.bucket,
+                workspace.path("primary").display(),
+                server.anonymous_store_settings_at(port)
+            ),
+        );
+        workspace.pitr(&config, &["archive-push", segments[0].to_str().unwrap()])
+    };
+    let output = push("overwrites", proxy);
+    assert_eq!(
+        (output.status.code(), stderr_of(&output)),
+        (
+            Some(1),
+            format!(
+                "pitr archive-push: error: the store behind repository s3://{}/overwrites overwrote an existing object on a create-only write (it ignores If-None-Match), so archived WAL would not be safe there; use a store with conditional writes, or for an S3-compatible store without them set aws_conditional_put = 'dynamo:<table>' in [store]",
+                server.bucket
+            )
+        )
+    );
+    let prefix = server.data.join(&server.bucket).join("overwrites");
+    assert!(
+        !prefix.join("pitr.identity").exists() && !prefix.join("wal").exists(),
+        "a repository was created on a store that overwrites"
+    );
+    // The same server, reached directly, honours If-None-Match: the probe passes.
+    let output = push("honours", server.port);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+}
+
+#[test]
+fn refused_credentials_fail_at_once_and_are_never_spooled() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let Some(server) = S3Server::start(&workspace) else {
+        return;
+    };
+    let (_cluster, segments) = stopped_cluster_with_segments(&workspace);
+    let spool = workspace.path("outage-spool");
+    std::fs::create_dir(&spool).unwrap();
+    workspace.give_to_postgres(&spool);
+    let wrong_secret = server
+        .store_settings()
+        .replace(support::S3_SECRET_KEY, "not-the-secret-key-000000");
+    let config = workspace.write_config(
+        "denied.toml",
+        &format!(
+            "repo = 's3://{}/denied'\npgdata = '{}'\nstore_timeout = 10\noutage_spool = '{}'\n{wrong_secret}",
+            server.bucket,
+            workspace.path("primary").display(),
+            spool.display()
+        ),
+    );
+    let started = std::time::Instant::now();
+    let output = workspace.pitr(&config, &["archive-push", segments[0].to_str().unwrap()]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let prefix = format!(
+        "pitr archive-push: error: the store behind repository s3://{}/denied refused pitr's credentials: reading pitr.identity was refused: ",
+        server.bucket
+    );
+    assert!(stderr.starts_with(&prefix), "{stderr}");
+    assert!(
+        stderr.ends_with(
+            "; check the credentials and the permissions on the bucket (waiting will not help)"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("not-the-secret-key"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "it waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "a refused credential was spooled as if the store were down"
+    );
+}
+
+#[test]
+fn the_s3_credential_source_is_logged_and_metadata_can_be_turned_off() {
+    let workspace = Workspace::new();
+    let Some(server) = S3Server::start(&workspace) else {
+        return;
+    };
+    let config = workspace.write_config(
+        "static.toml",
+        &format!(
+            "repo = 's3://{}/logged'\n{}",
+            server.bucket,
+            server.store_settings()
+        ),
+    );
+    let output = workspace.pitr_with_env(&config, &["wal", "list"], &[("PITR_LOG", "info".into())]);
+    assert!(
+        stderr_of(&output).contains(
+            "S3 credentials: a static access key (aws_access_key_id or AWS_ACCESS_KEY_ID)"
+        ),
+        "{}",
+        stderr_of(&output)
+    );
+    let without_keys = format!(
+        "[store]\naws_endpoint = 'http://127.0.0.1:{}'\naws_allow_http = 'true'\naws_region = 'us-east-1'\n",
+        server.port
+    );
+    let config = workspace.write_config(
+        "no-metadata.toml",
+        &format!(
+            "repo = 's3://{}/nokeys'\nstore_instance_metadata = false\n{without_keys}",
+            server.bucket
+        ),
+    );
+    let output = workspace.pitr(&config, &["wal", "list"]);
+    assert_eq!(
+        (output.status.code(), stderr_of(&output)),
+        (
+            Some(1),
+            format!(
+                "pitr wal list: error: no credentials for repository s3://{}/nokeys: none are configured and the instance metadata endpoint is turned off (store_instance_metadata = false); set aws_access_key_id and aws_secret_access_key in [store] (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), or use a web identity",
+                server.bucket
+            )
+        )
+    );
 }

@@ -467,10 +467,40 @@ impl S3Server {
         Some(Self::spawn(data, bucket, free_port()))
     }
 
+    /// A server that takes unsigned requests (`aws_skip_signature`), so a proxy in front of
+    /// it may rewrite headers; see `anonymous_store_settings_at`.
+    pub fn start_anonymous(workspace: &Workspace) -> Option<Self> {
+        let binary = s3s_fs_binary();
+        if !require(
+            binary.is_some(),
+            "s3s-fs 0.14.1 (cargo install s3s-fs --version 0.14.1 --locked --features binary)",
+        ) {
+            return None;
+        }
+        let data = workspace.path("s3-anonymous-data");
+        let bucket = "pitr-test".to_string();
+        std::fs::create_dir_all(data.join(&bucket)).unwrap();
+        Some(Self::spawn_with(data, bucket, free_port(), false))
+    }
+
+    /// The `[store]` table for an anonymous server reached on `port`.
+    pub fn anonymous_store_settings_at(&self, port: u16) -> String {
+        format!(
+            "[store]\naws_endpoint = 'http://127.0.0.1:{port}'\naws_allow_http = 'true'\naws_skip_signature = 'true'\naws_region = 'us-east-1'\n"
+        )
+    }
+
     fn spawn(data: PathBuf, bucket: String, port: u16) -> Self {
-        let child = Command::new(s3s_fs_binary().unwrap())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+        Self::spawn_with(data, bucket, port, true)
+    }
+
+    fn spawn_with(data: PathBuf, bucket: String, port: u16, credentials: bool) -> Self {
+        let mut command = Command::new(s3s_fs_binary().unwrap());
+        command.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+        if credentials {
+            command.args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY]);
+        }
+        let child = command
             .arg(&data)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -360,21 +360,23 @@ fn a_different_file_under_an_archived_name_is_refused_and_identical_is_accepted(
         stderr_of(&again)
     );
 
-    // An identical re-push succeeds only if the stored copy is intact.
+    // A stored copy that fails verification holds nothing restorable: a re-push stores a
+    // verified copy in its place instead of blocking archiving forever (issue 16, defect 4).
     let object = fixture.object_path(&name);
     let stored = std::fs::read(&object).unwrap();
     let mut damaged = stored.clone();
     let last = damaged.len() - 3;
     damaged[last] ^= 0x10;
     std::fs::write(&object, &damaged).unwrap();
-    refused(
-        &fixture,
-        &format!(
-            "pitr archive-push: error: {name} is already archived but the stored copy cannot be verified; it was left untouched: object wal/00000001/{name} failed authentication at chunk 0; it is corrupt, truncated or was tampered with, and was not used"
-        ),
-        || fixture.push(&fixture.segment_path(&name)),
-    );
-    std::fs::write(&object, &stored).unwrap();
+    let replaced = fixture.push(&fixture.segment_path(&name));
+    assert!(replaced.status.success(), "{}", stderr_of(&replaced));
+    assert!(std::fs::read(&object).unwrap() != damaged, "the damaged copy was kept");
+    let destination = fixture.workspace.path("replaced");
+    std::fs::create_dir(&destination).unwrap();
+    fixture.workspace.give_to_postgres(&destination);
+    let output = fixture.get(&fixture.config, &name, &destination.join("RECOVERYXLOG"));
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert!(std::fs::read(destination.join("RECOVERYXLOG")).unwrap() == original);
 
     refuses_a_changed_copy(&fixture, &name, &original, xxh3_hex);
 }

@@ -74,7 +74,8 @@ async fn answer(mut stream: UnixStream, own_uid: u32, daemon: &Daemon) -> Result
 pub const REQUEST_LIMIT: usize = 8192;
 /// How long a client has to send its whole request line.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const PROTOCOL: &str = "a hook sends one line: push <absolute path> or get <WAL file name> <absolute destination>";
+const PROTOCOL: &str =
+    "a hook sends one line: push <absolute path> or get <WAL file name> <absolute destination>";
 
 /// Why a request line was not accepted; the client gets it as `err <reason>; <PROTOCOL>`.
 #[derive(Debug, thiserror::Error)]

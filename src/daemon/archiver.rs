@@ -14,6 +14,8 @@
 //!
 //! After a restart the archiver lists the repository, so a file uploaded before a crash is never
 //! sent again: it is read back and compared instead, exactly as a re-push by the hook would be.
+//! The listing is only a hint: a listed file whose compare fails (the object left the store
+//! since, say) is pushed again at once as a new file, create-only.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -231,21 +233,50 @@ impl Archiver {
         let started = Instant::now();
         let file =
             archive_push::validate(&self.settings, path).map_err(|error| format!("{error:#}"))?;
-        let outcome = archive_push::push(
-            &self.repository,
-            &file,
-            &self.options,
-            known_to_exist,
-            Some(&self.encode_slots),
-            self.spool.as_deref(),
-        )
-        .await
+        let outcome = match self.push(&file, known_to_exist).await {
+            // The startup listing is only a hint that saves an upload: the object may have left
+            // the store since. The create-only put is the authority, so ask it; an object that
+            // does exist is still compared there, and one with other content is still refused.
+            Err(error) if known_to_exist && !crate::outage_spool::is_outage(&error) => {
+                tracing::info!(
+                    file = %file.name,
+                    "listed at startup but not confirmed now ({error:#}); pushing it as a new file"
+                );
+                self.forget_listing(&file.name.to_string());
+                self.push(&file, false).await
+            }
+            pushed => pushed,
+        }
         .map_err(|error| format!("{error:#}"))?;
         self.metrics
             .upload_duration
             .observe(started.elapsed().as_secs_f64());
         let modified = metadata.modified().map_err(|error| error.to_string())?;
         Ok((outcome, metadata.len(), modified))
+    }
+
+    async fn push(
+        &self,
+        file: &archive_push::WalFile,
+        known_to_exist: bool,
+    ) -> anyhow::Result<PushOutcome> {
+        archive_push::push(
+            &self.repository,
+            file,
+            &self.options,
+            known_to_exist,
+            Some(&self.encode_slots),
+            self.spool.as_deref(),
+        )
+        .await
+    }
+
+    /// Drops the startup listing's record of `name`, so later pushes do not rely on it.
+    fn forget_listing(&self, name: &str) {
+        let mut state = self.state.lock().unwrap();
+        if matches!(state.durable.get(name), Some(Durable::Listed)) {
+            state.durable.remove(name);
+        }
     }
 
     /// Starts uploads for every `.ready` file not yet durable or in flight, oldest first.

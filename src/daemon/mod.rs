@@ -13,7 +13,7 @@ pub mod server;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -25,17 +25,40 @@ use metrics::Metrics;
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
+/// How long one readiness result answers `/readyz`. The port may be reachable beyond
+/// localhost without a token, so a request must not cost a Postgres connection each.
+const READINESS_REUSE: Duration = Duration::from_secs(1);
+
+/// Each readiness check by name: "ok" or what is wrong.
+pub type Readiness = BTreeMap<&'static str, String>;
+
 pub struct Daemon {
     pub settings: Settings,
     pub repository: Arc<Repository>,
     pub metrics: Arc<Metrics>,
     pub archiver: Arc<Archiver>,
     pub prefetcher: Arc<Prefetcher>,
+    /// The last readiness result and when it was finished. The lock is held for the whole
+    /// check, so concurrent requests wait for the one check in flight instead of each starting
+    /// their own: at most one Postgres connection at a time, however many requests arrive.
+    readiness: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
 }
 
 impl Daemon {
-    /// Each readiness check by name: "ok" or what is wrong.
-    pub async fn readiness(&self) -> BTreeMap<&'static str, String> {
+    /// The readiness checks, run at most once per `READINESS_REUSE` and one at a time.
+    pub async fn readiness(&self) -> Readiness {
+        let mut last = self.readiness.lock().await;
+        if let Some((finished, checks)) = last.as_ref()
+            && finished.elapsed() < READINESS_REUSE
+        {
+            return checks.clone();
+        }
+        let checks = self.check_readiness().await;
+        *last = Some((Instant::now(), checks.clone()));
+        checks
+    }
+
+    async fn check_readiness(&self) -> Readiness {
         let mut checks = BTreeMap::new();
         let repository =
             tokio::time::timeout(http::READINESS_TIMEOUT, self.repository.probe()).await;
@@ -107,6 +130,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         metrics,
         archiver,
         prefetcher,
+        readiness: tokio::sync::Mutex::default(),
     });
 
     let listener = server::bind(&settings.socket)?;

@@ -1,12 +1,14 @@
-//! The daemon's side of the hook socket: accepts only the daemon's own user, reads one request
-//! line, answers one line. See `client` for the protocol.
+//! The daemon's side of the hook socket: accepts only the daemon's own user (checked before
+//! anything is read), reads one request line of bounded length within a deadline, answers one
+//! line. See `client` for the protocol.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::commands::archive_get::GetOutcome;
@@ -43,16 +45,19 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
 }
 
 async fn answer(mut stream: UnixStream, own_uid: u32, daemon: &Daemon) -> Result<()> {
-    // Read the request before refusing, so the refusal reaches the client instead of a reset.
-    let mut request = String::new();
-    BufReader::new(&mut stream).read_line(&mut request).await?;
+    // Who is asking is known from the connection itself (SO_PEERCRED), so a stranger is
+    // refused before the daemon reads, let alone buffers, a single byte of what it sent.
     let peer = stream.peer_cred()?.uid();
     if peer != own_uid {
-        stream
-            .write_all(format!("err the pitr daemon only answers its own user (uid {own_uid}), not uid {peer}\n").as_bytes())
-            .await?;
-        return Ok(());
+        let refusal = format!(
+            "err the pitr daemon only answers its own user (uid {own_uid}), not uid {peer}\n"
+        );
+        return refuse(stream, &refusal).await;
     }
+    let request = match read_request(&mut stream).await {
+        Ok(request) => request,
+        Err(problem) => return refuse(stream, &format!("err {problem}; {PROTOCOL}\n")).await,
+    };
     let reply = match request.trim_end().split_once(' ') {
         Some(("push", path)) => push(daemon, Path::new(path)).await,
         Some(("get", arguments)) => get(daemon, arguments).await,
@@ -61,6 +66,71 @@ async fn answer(mut stream: UnixStream, own_uid: u32, daemon: &Daemon) -> Result
     stream
         .write_all(format!("{}\n", reply.replace('\n', " ")).as_bytes())
         .await?;
+    Ok(())
+}
+
+/// What a request may be: one short line. A path is at most PATH_MAX (4096) bytes, so twice
+/// that holds any real request with room to spare.
+pub const REQUEST_LIMIT: usize = 8192;
+/// How long a client has to send its whole request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const PROTOCOL: &str =
+    "a hook sends one line: push <absolute path> or get <WAL file name> <absolute destination>";
+
+/// Why a request line was not accepted; the client gets it as `err <reason>; <PROTOCOL>`.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("the request is longer than {REQUEST_LIMIT} bytes")]
+    TooLong,
+    #[error("no request line arrived within {} s", REQUEST_TIMEOUT.as_secs())]
+    TimedOut,
+    #[error("the connection closed before a whole request line arrived")]
+    Incomplete,
+    #[error("the request is not UTF-8")]
+    NotText,
+    #[error("reading the request failed: {0}")]
+    Read(#[from] std::io::Error),
+}
+
+/// Reads one request line of at most `REQUEST_LIMIT` bytes within `REQUEST_TIMEOUT`, so a
+/// client can hold neither memory nor a connection for long.
+async fn read_request(stream: &mut UnixStream) -> Result<String, RequestError> {
+    let mut line = Vec::with_capacity(256);
+    let mut limited = BufReader::new(&mut *stream).take(REQUEST_LIMIT as u64 + 1);
+    tokio::time::timeout(REQUEST_TIMEOUT, limited.read_until(b'\n', &mut line))
+        .await
+        .map_err(|_| RequestError::TimedOut)??;
+    if line.last() != Some(&b'\n') {
+        return Err(if line.len() > REQUEST_LIMIT {
+            RequestError::TooLong
+        } else {
+            RequestError::Incomplete
+        });
+    }
+    line.pop();
+    String::from_utf8(line).map_err(|_| RequestError::NotText)
+}
+
+/// Answers `refusal` and closes. Whatever the client sent meanwhile is read and dropped, a
+/// small buffer at a time and no more than one request's worth, so a client that is still
+/// writing its request sees the answer, not a connection reset.
+async fn refuse(mut stream: UnixStream, refusal: &str) -> Result<()> {
+    stream.write_all(refusal.as_bytes()).await?;
+    stream.shutdown().await?;
+    let mut discard = [0u8; 1024];
+    let mut discarded = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while discarded <= REQUEST_LIMIT {
+        match tokio::time::timeout_at(deadline, stream.read(&mut discard)).await {
+            Ok(Ok(count)) if count > 0 => {
+                discarded += count;
+                if discard[..count].contains(&b'\n') {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
     Ok(())
 }
 
@@ -80,7 +150,7 @@ async fn push(daemon: &Daemon, path: &Path) -> String {
     // With an outage spool the upload first tries the store for `store_timeout`, then spools;
     // the hook waits `store_timeout` + 5 s for the answer.
     let limit = match daemon.settings.outage_spool {
-        Some(_) => daemon.settings.store_timeout + std::time::Duration::from_secs(3),
+        Some(_) => daemon.settings.store_timeout + Duration::from_secs(3),
         None => daemon.settings.store_timeout,
     };
     match tokio::time::timeout(limit, upload).await {

@@ -637,6 +637,22 @@ impl DaemonProcess {
         let _ = self.child.wait();
     }
 
+    /// The daemon's own process id (under root, `runuser` is its parent).
+    pub fn pid(&self) -> u32 {
+        if !is_root() {
+            return self.child.id();
+        }
+        let children = Command::new("pgrep")
+            .args(["-P", &self.child.id().to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&children.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|pid| pid.parse().ok())
+            .expect("runuser has started the daemon")
+    }
+
     pub fn metrics(&self) -> String {
         let (status, body) = http(self.http_port, "GET", "/metrics", None);
         assert_eq!(status, 200);

@@ -4,9 +4,10 @@
 //! without touching the disk: the backup (the newest that finished before the target), the
 //! timeline path, and that the archive holds every WAL segment from the backup's start to the
 //! target. Then files download in parallel, each chunk verified, each file checked against its
-//! whole-file checksum. `global/pg_control`, `backup_label` and the recovery settings are
-//! written only after every other file is complete, so a restore that fails half-way leaves a
-//! directory Postgres refuses to start rather than one that starts with missing data.
+//! whole-file checksum before it is renamed into place (`data_directory`). `backup_label` and
+//! the recovery settings follow every other file, all of it is synced, and `global/pg_control`
+//! comes last, itself fsynced: a restore that fails or crashes half-way leaves a directory
+//! Postgres refuses to start rather than one that starts with missing data or without recovery.
 
 pub mod data_directory;
 pub mod reach;

@@ -7,6 +7,7 @@
 //! everything else: a backup without one does not exist. The catalog is the list of manifests.
 
 pub mod page_checksum;
+pub mod paths;
 pub mod take;
 
 use std::fmt;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::keyring::Keyring;
 use crate::repository::Repository;
 use crate::wal::{Lsn, SystemIdentifier, TimelineId};
+pub use paths::{ManifestPath, Tablespace, TablespaceMap};
 
 pub const BACKUP_PREFIX: &str = "backups";
 pub const CHUNK_PREFIX: &str = "chunks";
@@ -72,8 +74,8 @@ impl ChunkId {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ManifestFile {
-    /// Relative to the data directory, `/`-separated.
-    pub path: String,
+    /// Relative to the data directory, `/`-separated, checked clean when the manifest is read.
+    pub path: ManifestPath,
     pub size: u64,
     pub mode: u32,
     /// BLAKE3 of the whole file as backed up.
@@ -99,16 +101,75 @@ pub struct Manifest {
     pub new_chunks: u64,
     /// The backup whose chunks this one reused, if any.
     pub based_on: Option<BackupId>,
-    pub directories: Vec<String>,
+    pub directories: Vec<ManifestPath>,
     pub files: Vec<ManifestFile>,
     pub backup_label: String,
-    pub tablespace_map: Option<String>,
+    pub tablespace_map: Option<TablespaceMap>,
+}
+
+/// A manifest that cannot be used. Typed so that a caller can tell a refused path apart.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error(
+        "backup {backup} is refused: its manifest {detail}; the manifest is damaged or forged, and nothing was written. Find out who wrote {key} in the repository, then delete it to use the other backups"
+    )]
+    Refused {
+        backup: String,
+        key: String,
+        detail: String,
+    },
+    #[error("{key} is not a valid manifest: {detail}")]
+    Invalid { key: String, detail: String },
 }
 
 impl Manifest {
     pub fn incremental(&self) -> bool {
         self.reused_chunks > 0
     }
+
+    /// Parses the manifest stored under `key`. Every path and tablespace entry is checked here,
+    /// so a manifest naming anything outside the data directory is refused as a whole, before a
+    /// restore writes anything.
+    pub fn from_json(key: &str, bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        serde_json::from_slice(bytes).map_err(|error| match refused_entry(bytes) {
+            Some(detail) => ManifestError::Refused {
+                backup: key
+                    .strip_prefix(&format!("{BACKUP_PREFIX}/"))
+                    .and_then(|rest| rest.strip_suffix("/manifest"))
+                    .unwrap_or(key)
+                    .to_string(),
+                key: key.to_string(),
+                detail,
+            },
+            None => ManifestError::Invalid {
+                key: key.to_string(),
+                detail: error.to_string(),
+            },
+        })
+    }
+}
+
+/// Why a manifest that failed to parse was refused, if a path or tablespace entry is the cause:
+/// the first one refused, described without serde's position in the text.
+fn refused_entry(bytes: &[u8]) -> Option<String> {
+    let manifest: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let file_paths = manifest["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|file| &file["path"]);
+    let directories = manifest["directories"].as_array().into_iter().flatten();
+    let path_refusal = file_paths
+        .chain(directories)
+        .filter_map(serde_json::Value::as_str)
+        .find_map(|path| ManifestPath::parse(path).err())
+        .map(|refused| refused.to_string());
+    path_refusal.or_else(|| {
+        let map = manifest["tablespace_map"].as_str()?;
+        TablespaceMap::parse(map)
+            .err()
+            .map(|refused| refused.to_string())
+    })
 }
 
 /// Every complete backup, oldest first.
@@ -123,8 +184,7 @@ pub async fn catalog(repository: &Repository) -> Result<Vec<Manifest>> {
             .read_bytes(&key)
             .await?
             .with_context(|| format!("{key} disappeared while listing backups"))?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{key} is not a valid manifest"))?;
+        let manifest = Manifest::from_json(&key, &bytes)?;
         manifests.push(manifest);
     }
     manifests.sort_by(|a, b| a.id.cmp(&b.id));

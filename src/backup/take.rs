@@ -19,7 +19,9 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use super::page_checksum::{self, BLOCKS_PER_SEGMENT, PAGE_SIZE};
-use super::{BackupId, CHUNK_SIZE, ChunkId, Manifest, ManifestFile, catalog};
+use super::{
+    BackupId, CHUNK_SIZE, ChunkId, Manifest, ManifestFile, ManifestPath, TablespaceMap, catalog,
+};
 use crate::config::Settings;
 use crate::envelope::EncodeOptions;
 use crate::repository::{Durability, Identity, PutOutcome, Repository, check_same_cluster};
@@ -146,6 +148,10 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
     tracing::info!(backup = %id, start_lsn = %start_lsn, "backup started");
 
     let (directories, files) = walk(&pgdata)?;
+    let directories = directories
+        .iter()
+        .map(|directory| recordable(&pgdata.join(directory), directory))
+        .collect::<Result<Vec<_>>>()?;
     let logical_bytes = files.iter().map(|(_, _, size)| size).sum::<u64>();
     let in_flight = repository.transfers_in_flight(options.concurrency);
     let shared = Arc::new(Shared {
@@ -216,9 +222,16 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
         .context("pg_backup_stop failed")?;
     let stop_lsn: Lsn = stop.get::<_, String>(0).parse()?;
     let backup_label: String = stop.get(1);
-    let tablespace_map: Option<String> = stop
+    let tablespace_map = stop
         .get::<_, Option<String>>(2)
-        .filter(|map| !map.is_empty());
+        .filter(|map| !map.is_empty())
+        .map(|map| TablespaceMap::parse(&map))
+        .transpose()
+        .map_err(|refused| {
+            anyhow::anyhow!(
+                "pg_backup_stop's tablespace_map {refused}, so the backup could not be restored and was not recorded; give the tablespace a plain absolute location"
+            )
+        })?;
     let stop_time = chrono::Utc::now();
     let timeline = label_field(&backup_label, "START TIMELINE:")
         .and_then(|value| value.parse().ok())
@@ -350,6 +363,18 @@ fn walk(pgdata: &Path) -> Result<(Vec<String>, Vec<(PathBuf, String, u64)>)> {
     Ok((directories, files))
 }
 
+/// `relative` as the manifest records it. Restore refuses a path that is not clean (see
+/// `ManifestPath`), so a backup holding one would be useless: it fails here instead.
+fn recordable(path: &Path, relative: &str) -> Result<ManifestPath> {
+    ManifestPath::parse(relative).map_err(|refused| {
+        anyhow::anyhow!(
+            "{} cannot be backed up: {}, which a restore would refuse; rename or remove it",
+            path.display(),
+            refused.problem
+        )
+    })
+}
+
 /// Backs up one file, uploading the chunks the repository lacks. A blocking reader reads it in
 /// order, verifies page checksums, hashes the whole file and gives each chunk its id; the chunks
 /// it hands over are compressed, encrypted and stored `in_flight` at a time, so one large
@@ -365,6 +390,7 @@ async fn backup_file(
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
     };
+    let manifest_path = recordable(&path, &relative)?;
     let mode = file.metadata()?.mode() & 0o7777;
     let (sender, receiver) = tokio::sync::mpsc::channel::<ReadChunk>(shared.in_flight);
     let reader = {
@@ -386,7 +412,7 @@ async fn backup_file(
     let chunks = chunks?;
     let (size, checksum) = read.with_context(|| format!("reading {}", path.display()))?;
     Ok(Some(ManifestFile {
-        path: relative,
+        path: manifest_path,
         size,
         mode,
         checksum,

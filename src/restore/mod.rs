@@ -4,10 +4,12 @@
 //! without touching the disk: the backup (the newest that finished before the target), the
 //! timeline path, and that the archive holds every WAL segment from the backup's start to the
 //! target. Then files download in parallel, each chunk verified, each file checked against its
-//! whole-file checksum. `global/pg_control`, `backup_label` and the recovery settings are
-//! written only after every other file is complete, so a restore that fails half-way leaves a
-//! directory Postgres refuses to start rather than one that starts with missing data.
+//! whole-file checksum before it is renamed into place (`data_directory`). `backup_label` and
+//! the recovery settings follow every other file, all of it is synced, and `global/pg_control`
+//! comes last, itself fsynced: a restore that fails or crashes half-way leaves a directory
+//! Postgres refuses to start rather than one that starts with missing data or without recovery.
 
+pub mod data_directory;
 pub mod reach;
 pub mod tablespaces;
 pub mod target;
@@ -23,12 +25,13 @@ use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 
 use crate::backup::take::permissions;
-use crate::backup::{BackupId, Manifest, ManifestFile, catalog};
+use crate::backup::{BackupId, Manifest, ManifestFile, ManifestPath, catalog};
 use crate::config::Settings;
 use crate::envelope::DecodeMode;
 use crate::repository::{Repository, WAL_PREFIX};
 use crate::wal::records::{PgTimestamp, TransactionEnd};
 use crate::wal::{Lsn, PgVersion, SegmentName, TimelineId, WalFileName, WalSegmentSize};
+use data_directory::{DataDirectory, TemporaryFile};
 use reach::{ArchiveIndex, TimeReach, XidReach};
 use target::RecoveryTarget;
 use timeline::{ArchivedSegments, TimelinePath, check_coverage};
@@ -173,13 +176,15 @@ pub async fn run(settings: &Settings, options: &RestoreOptions) -> Result<()> {
     if !options.delta {
         prefetch_from_backup_start(settings, &repository, backup, size);
     }
-    download(&repository, backup, &pgdata, &links, options).await?;
+    let directory = DataDirectory::new(&pgdata, &links);
+    download(&repository, backup, &directory, &links, options, || {
+        write_startup_files(&pgdata, settings, options, backup, target_timeline)
+    })
+    .await?;
     if options.delta {
         // Not before: a delta restore removes what the backup does not list, the spool too.
         prefetch_from_backup_start(settings, &repository, backup, size);
     }
-    write_recovery_settings(&pgdata, settings, options, backup, target_timeline)?;
-    sync_filesystem(&pgdata)?;
     println!(
         "restored backup {} into {} in {:.1} s",
         backup.id,
@@ -532,57 +537,85 @@ fn prefetch_from_backup_start(
     );
 }
 
-/// Downloads every file of the backup; pg_control last, so an interrupted restore cannot start.
+/// Downloads every file of the backup, then writes what makes the directory startable in an
+/// order a crash cannot break: every other file, `backup_label` and the recovery settings are
+/// made durable first, and `global/pg_control` last, under a temporary name, fsynced, renamed
+/// and its directory fsynced. Until that rename Postgres refuses to start the directory.
 async fn download(
     repository: &Repository,
     backup: &Manifest,
-    pgdata: &Path,
+    directory: &DataDirectory,
     links: &[tablespaces::TablespaceLink],
     options: &RestoreOptions,
+    write_startup_files: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
+    let pgdata = directory.root();
     std::fs::create_dir_all(pgdata)?;
     std::fs::set_permissions(pgdata, permissions(0o700))?;
-    let wanted: HashSet<&str> = backup
-        .files
-        .iter()
-        .map(|file| file.path.as_str())
-        .chain(backup.directories.iter().map(String::as_str))
-        .collect();
     if options.delta {
-        remove_unlisted(pgdata, pgdata, &wanted)?;
+        let wanted: HashSet<&str> = backup
+            .files
+            .iter()
+            .map(|file| file.path.as_str())
+            .chain(backup.directories.iter().map(ManifestPath::as_str))
+            .collect();
+        // Found first, removed after: a refusal leaves the directory as it was.
+        let unlisted = directory.unlisted(&wanted)?;
+        data_directory::remove_all(&unlisted)?;
     }
     tablespaces::link(pgdata, links)?;
     let _ = std::fs::remove_file(pgdata.join("global/pg_control"));
-    for directory in &backup.directories {
-        let path = pgdata.join(directory);
-        std::fs::create_dir_all(&path)?;
-        std::fs::set_permissions(&path, permissions(0o700))?;
+    for path in &backup.directories {
+        directory.create_directory(path)?;
     }
     let (control, others): (Vec<&ManifestFile>, Vec<&ManifestFile>) = backup
         .files
         .iter()
-        .partition(|file| file.path == "global/pg_control");
+        .partition(|file| file.path == *"global/pg_control");
     let progress = crate::progress::Progress::start("restore", backup.logical_bytes);
     let in_flight = repository.transfers_in_flight(options.concurrency);
     let budget = ChunkBudget::new(in_flight);
+    let restore = |file, delta, durability| {
+        restore_file(
+            repository, directory, file, delta, durability, &budget, &progress,
+        )
+    };
     let results: Vec<Result<()>> = futures::stream::iter(others)
-        .map(|file| restore_file(repository, pgdata, file, options.delta, &budget, &progress))
+        .map(|file| restore(file, options.delta, Durability::AtTheEnd))
         .buffer_unordered(in_flight)
         .collect()
         .await;
     results.into_iter().collect::<Result<Vec<()>>>()?;
-    // Everything else must be on disk before pg_control and backup_label make the directory
-    // startable; a crash in between then leaves a directory that refuses to start.
+    write_startup_files()?;
+    // Everything else must be on disk before pg_control makes the directory startable; a
+    // crash before its rename leaves a directory that refuses to start.
     sync_filesystem(pgdata)?;
+    fail_before_pg_control_if_asked()?;
     for file in control {
-        restore_file(repository, pgdata, file, false, &budget, &progress).await?;
+        restore(file, false, Durability::Immediate).await?;
     }
-    // backup_label tells recovery where to start: the checkpoint of pg_backup_start, not the
-    // one pg_control recorded while the files were being copied. The tablespace links are
-    // already in place (or the tablespaces are in-place directories), so no tablespace_map.
-    std::fs::write(pgdata.join("backup_label"), &backup.backup_label)?;
-    std::fs::set_permissions(pgdata.join("backup_label"), permissions(0o600))?;
     Ok(())
+}
+
+/// A test-only stop right before pg_control is written (debug builds): what a crash at that
+/// moment leaves on disk is then observable.
+fn fail_before_pg_control_if_asked() -> Result<()> {
+    #[cfg(debug_assertions)]
+    if std::env::var_os("PITR_TEST_FAIL_BEFORE_PG_CONTROL").is_some() {
+        bail!(
+            "stopped before writing global/pg_control, as PITR_TEST_FAIL_BEFORE_PG_CONTROL asks; the restored directory will not start"
+        );
+    }
+    Ok(())
+}
+
+/// When a restored file must be on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// By the one syncfs before pg_control: thousands of fsyncs would cost far more.
+    AtTheEnd,
+    /// Before `restore_file` returns: fsync, rename, fsync of the directory.
+    Immediate,
 }
 
 /// Decoded chunks in memory across all files being restored: each holds a permit from when its
@@ -607,19 +640,21 @@ impl ChunkBudget {
 
 async fn restore_file(
     repository: &Repository,
-    pgdata: &Path,
+    directory: &DataDirectory,
     file: &ManifestFile,
     delta: bool,
+    durability: Durability,
     budget: &ChunkBudget,
     progress: &crate::progress::Progress,
 ) -> Result<()> {
-    let path = pgdata.join(&file.path);
+    let path = directory.resolve(&file.path)?;
     progress.advance(file.size);
     if delta && matches_checksum(&path, file) {
         return Ok(());
     }
-    let output =
-        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    // Written beside its destination and renamed into place only once its checksum matched:
+    // a file that fails leaves nothing under a name Postgres reads.
+    let (pending, output) = TemporaryFile::create(&path)?;
     // Chunks of one file are fetched and decoded several at a time and handed, in order, to a
     // blocking writer that hashes and writes them, so a large relation file is not restored on
     // one core and the async threads never wait on the disk. Memory: see `ChunkBudget`.
@@ -658,19 +693,31 @@ async fn restore_file(
     drop(sender);
     let written = writer.await?;
     fetched?;
-    let checksum = written.with_context(|| {
+    let write_failed = || {
         format!(
             "writing {} failed; free space or fix the volume",
             path.display()
         )
-    })?;
+    };
+    let (checksum, output) = written.with_context(write_failed)?;
     if checksum != file.checksum {
         bail!(
             "{} does not match its checksum after restore; the repository is damaged, and the restored directory will not start",
             file.path
         );
     }
-    std::fs::set_permissions(&path, permissions(file.mode))?;
+    // Permission bits only: a manifest cannot make a restored file setuid.
+    output
+        .set_permissions(permissions(file.mode & 0o777))
+        .with_context(write_failed)?;
+    if durability == Durability::Immediate {
+        output.sync_all().with_context(write_failed)?;
+    }
+    drop(output);
+    pending.rename()?;
+    if durability == Durability::Immediate {
+        crate::durable::sync_parent_directory(&path).with_context(write_failed)?;
+    }
     Ok(())
 }
 
@@ -680,12 +727,12 @@ const CHUNK_CAPACITY: u64 = 1 << 20;
 /// A decoded chunk and its place in the `ChunkBudget`, given back once it is written.
 type BudgetedChunk = (Vec<u8>, tokio::sync::OwnedSemaphorePermit);
 
-/// Writes chunks in the order received, hashing them; returns the file's BLAKE3 in hex.
-/// Writeback starts as the file grows, so the final syncfs finds little left to write.
+/// Writes chunks in the order received, hashing them; returns the file's BLAKE3 in hex, and
+/// the file. Writeback starts as the file grows, so the final syncfs finds little left to write.
 fn write_hashed(
     mut file: std::fs::File,
     mut chunks: tokio::sync::mpsc::Receiver<BudgetedChunk>,
-) -> std::io::Result<String> {
+) -> std::io::Result<(String, std::fs::File)> {
     let mut hasher = blake3::Hasher::new();
     let mut writeback = crate::durable::Writeback::default();
     while let Some((chunk, _permit)) = chunks.blocking_recv() {
@@ -694,42 +741,35 @@ fn write_hashed(
         writeback.wrote(&file, chunk.len());
     }
     writeback.finish(&file);
-    Ok(hasher.finalize().to_hex().to_string())
+    Ok((hasher.finalize().to_hex().to_string(), file))
 }
 
+/// For --delta: whether a regular file (never a link followed) already holds what the backup does.
 fn matches_checksum(path: &Path, file: &ManifestFile) -> bool {
-    let Ok(metadata) = std::fs::metadata(path) else {
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
         return false;
     };
-    if metadata.len() != file.size {
+    if !metadata.is_file() || metadata.len() != file.size {
         return false;
     }
     let mut hasher = blake3::Hasher::new();
     hasher.update_mmap(path).is_ok() && hasher.finalize().to_hex().as_str() == file.checksum
 }
 
-/// For --delta: removes what the backup does not hold, so the result equals a clean restore.
-fn remove_unlisted(root: &Path, directory: &Path, wanted: &HashSet<&str>) -> Result<()> {
-    for entry in std::fs::read_dir(directory)? {
-        let entry = entry?;
-        let relative = entry
-            .path()
-            .strip_prefix(root)?
-            .to_string_lossy()
-            .into_owned();
-        let kind = entry.file_type()?;
-        if !wanted.contains(relative.as_str()) {
-            if kind.is_dir() {
-                std::fs::remove_dir_all(entry.path())?;
-            } else {
-                std::fs::remove_file(entry.path())?;
-            }
-        } else if kind.is_dir() || (kind.is_symlink() && entry.path().is_dir()) {
-            // A wanted symlink is a tablespace link: its files are cleaned like any others.
-            remove_unlisted(root, &entry.path(), wanted)?;
-        }
-    }
-    Ok(())
+/// What tells Postgres to recover, and from where: `backup_label` (the checkpoint of
+/// pg_backup_start, not the one pg_control recorded while the files were being copied) and the
+/// recovery settings. The tablespace links are already in place (or the tablespaces are
+/// in-place directories), so no tablespace_map.
+fn write_startup_files(
+    pgdata: &Path,
+    settings: &Settings,
+    options: &RestoreOptions,
+    backup: &Manifest,
+    timeline: TimelineId,
+) -> Result<()> {
+    std::fs::write(pgdata.join("backup_label"), &backup.backup_label)?;
+    std::fs::set_permissions(pgdata.join("backup_label"), permissions(0o600))?;
+    write_recovery_settings(pgdata, settings, options, backup, timeline)
 }
 
 fn write_recovery_settings(

@@ -47,19 +47,16 @@ pub fn parse_mapping(text: &str) -> Result<(u32, PathBuf)> {
     Ok((oid, directory))
 }
 
-/// The tablespaces of `backup` as `tablespace_map` lists them: `<oid> <location>` per line.
+/// The tablespaces of `backup` as `tablespace_map` lists them, each line checked when the
+/// manifest was read: the only links a restore creates, and so the only ones it writes through.
 pub fn tablespaces_of(backup: &Manifest) -> Vec<TablespaceLink> {
     backup
         .tablespace_map
-        .as_deref()
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
-            let (oid, location) = line.split_once(' ')?;
-            Some(TablespaceLink {
-                oid: oid.parse().ok()?,
-                location: PathBuf::from(location),
-            })
+        .iter()
+        .flat_map(|map| map.entries())
+        .map(|tablespace| TablespaceLink {
+            oid: tablespace.oid,
+            location: tablespace.location.clone(),
         })
         .collect()
 }

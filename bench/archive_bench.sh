@@ -124,9 +124,10 @@ NSEG=$(wc -l <"$SEGS")
 SEGBYTES=$(cd "$CORPUS" && xargs stat -c %s <"$SEGS" | awk '{s+=$1} END{printf "%.0f", s}')
 MID_SEG=$(sed -n "$(((NSEG + 1) / 2))p" "$SEGS")
 
-mkdir -p "$STAGE" "$STAGE_PG/global"
+mkdir -p "$STAGE/archive_status" "$STAGE_PG/global"
 cp "$SRC/global/pg_control" "$STAGE_PG/global/"; cp "$SRC/PG_VERSION" "$STAGE_PG/"
-while read -r s; do ln "$CORPUS/$s" "$STAGE/$s"; done <"$SEGS"
+# .ready as Postgres marks a completed segment: pitr archive-push refuses one without it.
+while read -r s; do ln "$CORPUS/$s" "$STAGE/$s"; : >"$STAGE/archive_status/$s.ready"; done <"$SEGS"
 chown -R postgres: "$STAGE_PG"; chmod 700 "$STAGE_PG"
 
 as_pg "$PITR" keygen --output "$KEYRING" >/dev/null

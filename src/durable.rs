@@ -73,13 +73,27 @@ impl Writeback {
     }
 }
 
-/// A temporary file next to its final destination. Dropped without `commit`, it removes itself,
-/// so a failed write never leaves a half-written file behind.
+/// A temporary file next to its final destination. Until it is in place, every way out (a
+/// failed write, fsync or rename, or a drop without `commit`) removes it, so a failure never
+/// leaves a half-written or orphaned file behind.
 pub struct PendingFile {
     temporary: PathBuf,
     destination: PathBuf,
     file: Option<File>,
     writeback: Writeback,
+    /// Set once the temporary name is gone (renamed or linked into place): nothing to remove.
+    placed: bool,
+}
+
+/// Which step of making a pending file durable failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("fsync of the new file failed: {0}")]
+    Sync(io::Error),
+    #[error("rename into place failed: {0}")]
+    Rename(io::Error),
+    #[error("fsync of its directory failed: {0}")]
+    SyncDirectory(io::Error),
 }
 
 impl PendingFile {
@@ -103,6 +117,7 @@ impl PendingFile {
             destination: destination.to_path_buf(),
             file: Some(file),
             writeback: Writeback::default(),
+            placed: false,
         })
     }
 
@@ -110,34 +125,40 @@ impl PendingFile {
         self.file.as_mut().expect("the file is open until commit")
     }
 
-    /// Fsyncs the data, renames it into place and fsyncs the directory.
-    pub fn commit(mut self) -> io::Result<()> {
+    /// Fsyncs the data, renames it into place and fsyncs the directory. On failure nothing is
+    /// left: the temporary file is removed, and so is the renamed file if the directory fsync
+    /// failed (its name might not survive a crash, and the caller reports a failure).
+    pub fn commit(mut self) -> Result<(), CommitError> {
         let file = self.file.take().expect("the file is open until commit");
-        file.sync_all()?;
+        file.sync_all().map_err(CommitError::Sync)?;
         drop(file);
-        std::fs::rename(&self.temporary, &self.destination)?;
-        sync_parent_directory(&self.destination)
+        std::fs::rename(&self.temporary, &self.destination).map_err(CommitError::Rename)?;
+        self.placed = true;
+        sync_parent_directory(&self.destination).map_err(|error| {
+            let _ = std::fs::remove_file(&self.destination);
+            CommitError::SyncDirectory(error)
+        })
     }
-}
 
-impl PendingFile {
     /// Like `commit`, but fails with `AlreadyExists` rather than replace a file at the
     /// destination: the data is fsynced, hard-linked to the final name, the temporary name is
-    /// removed and the directory fsynced.
+    /// removed and the directory fsynced. A failed directory fsync removes the new name too.
     pub fn link_into_place(mut self) -> io::Result<()> {
         let file = self.file.take().expect("the file is open until commit");
         file.sync_all()?;
         drop(file);
-        let linked = std::fs::hard_link(&self.temporary, &self.destination);
+        std::fs::hard_link(&self.temporary, &self.destination)?;
         let _ = std::fs::remove_file(&self.temporary);
-        linked?;
-        sync_parent_directory(&self.destination)
+        self.placed = true;
+        sync_parent_directory(&self.destination).inspect_err(|_| {
+            let _ = std::fs::remove_file(&self.destination);
+        })
     }
 }
 
 impl Drop for PendingFile {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        if !self.placed {
             let _ = std::fs::remove_file(&self.temporary);
         }
     }
@@ -153,5 +174,45 @@ impl std::io::Write for PendingFile {
 
     fn flush(&mut self) -> io::Result<()> {
         self.file().flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn names_in(directory: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(directory)
+            .unwrap()
+            .flatten()
+            .map(|entry| entry.file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_failed_rename_leaves_no_temporary_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let destination = directory.path().join("target");
+        std::fs::create_dir(&destination).unwrap();
+        let mut pending = PendingFile::create(&destination).unwrap();
+        pending.write_all(b"data").unwrap();
+        assert!(pending.commit().is_err());
+        assert_eq!(names_in(directory.path()), ["target"]);
+    }
+
+    #[test]
+    fn a_refused_link_leaves_no_temporary_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let destination = directory.path().join("target");
+        std::fs::write(&destination, b"first").unwrap();
+        let mut pending = PendingFile::create(&destination).unwrap();
+        pending.write_all(b"second").unwrap();
+        let error = pending.link_into_place().unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(names_in(directory.path()), ["target"]);
+        assert_eq!(std::fs::read(&destination).unwrap(), b"first");
     }
 }

@@ -40,11 +40,14 @@ struct Cli {
 enum Command {
     /// Archive one WAL file: archive_command = 'pitr archive-push %p'. Exit 0 only once durable.
     #[command(
-        after_help = "Examples:\n  archive_command = 'pitr archive-push %p'\n  pitr archive-push pg_wal/000000010000000000000003\n\nExit codes: 0 archived (or already archived with identical content); 1 refused or failed, Postgres keeps the file and retries."
+        after_help = "Examples:\n  archive_command = 'pitr archive-push %p'\n  pitr archive-push pg_wal/000000010000000000000003\n  pitr archive-push --force /srv/salvaged/000000010000000000000003   # recovery work by hand\n\nA file is archived only once Postgres has marked it pg_wal/archive_status/<name>.ready (or .done): a segment still being written must never take the name of the finished one. --force skips that check, nothing else.\n\nExit codes: 0 archived (or already archived with identical content); 1 refused or failed, Postgres keeps the file and retries."
     )]
     ArchivePush {
         /// The file to archive (%p), relative to the data directory or absolute.
         path: PathBuf,
+        /// Archive the file even though Postgres has not marked it ready (archive_status/<name>.ready), or it is outside pg_wal: for recovery work by hand, never in archive_command.
+        #[arg(long)]
+        force: bool,
     },
     /// Restore one WAL file: restore_command = 'pitr archive-get %f %p'.
     #[command(
@@ -301,8 +304,8 @@ async fn run(
     config_file: Option<&PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        Command::ArchivePush { path } => {
-            let outcome = archive_push::run(settings, path).await?;
+        Command::ArchivePush { path, force } => {
+            let outcome = archive_push::run(settings, path, *force).await?;
             tracing::debug!(?outcome, path = %path.display(), "archive-push done");
             Ok(ExitCode::SUCCESS)
         }

@@ -63,6 +63,13 @@ impl Fixture {
             segments,
         };
         for segment in fixture.segments.clone() {
+            // What Postgres does for a completed segment before it runs archive_command.
+            let ready = fixture
+                .cluster
+                .data
+                .join(format!("pg_wal/archive_status/{segment}.ready"));
+            std::fs::write(&ready, b"").unwrap();
+            fixture.workspace.give_to_postgres(&ready);
             let output = fixture.push(&fixture.segment_path(&segment));
             assert!(
                 output.status.success(),
@@ -84,6 +91,14 @@ impl Fixture {
     fn push(&self, path: &Path) -> Output {
         self.workspace
             .pitr(&self.config, &["archive-push", path.to_str().unwrap()])
+    }
+
+    /// archive-push of a file Postgres never marked ready (made by hand, outside pg_wal).
+    fn push_by_hand(&self, path: &Path) -> Output {
+        self.workspace.pitr(
+            &self.config,
+            &["archive-push", "--force", path.to_str().unwrap()],
+        )
     }
 
     fn get(&self, config: &Path, name: &str, destination: &Path) -> Output {
@@ -308,9 +323,10 @@ fn files_that_are_not_this_clusters_wal_are_refused() {
             fixture.url()
         ),
         || {
-            fixture
-                .workspace
-                .pitr(&no_pgdata, &["archive-push", foreign.to_str().unwrap()])
+            fixture.workspace.pitr(
+                &no_pgdata,
+                &["archive-push", "--force", foreign.to_str().unwrap()],
+            )
         },
     );
 
@@ -370,7 +386,10 @@ fn a_different_file_under_an_archived_name_is_refused_and_identical_is_accepted(
     std::fs::write(&object, &damaged).unwrap();
     let replaced = fixture.push(&fixture.segment_path(&name));
     assert!(replaced.status.success(), "{}", stderr_of(&replaced));
-    assert!(std::fs::read(&object).unwrap() != damaged, "the damaged copy was kept");
+    assert!(
+        std::fs::read(&object).unwrap() != damaged,
+        "the damaged copy was kept"
+    );
     let destination = fixture.workspace.path("replaced");
     std::fs::create_dir(&destination).unwrap();
     fixture.workspace.give_to_postgres(&destination);
@@ -402,7 +421,7 @@ fn refuses_a_changed_copy(
             checksum_hex(&changed),
             changed.len()
         ),
-        || fixture.push(&path),
+        || fixture.push_by_hand(&path),
     );
 }
 

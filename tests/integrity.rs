@@ -814,7 +814,11 @@ fn a_store_that_overwrites_on_create_only_writes_is_refused() {
                 server.anonymous_store_settings_at(port)
             ),
         );
-        workspace.pitr(&config, &["archive-push", segments[0].to_str().unwrap()])
+        // The cluster did not archive (archive_mode is off): nothing marked it ready.
+        workspace.pitr(
+            &config,
+            &["archive-push", "--force", segments[0].to_str().unwrap()],
+        )
     };
     let output = push("overwrites", proxy);
     assert_eq!(
@@ -863,7 +867,10 @@ fn refused_credentials_fail_at_once_and_are_never_spooled() {
         ),
     );
     let started = std::time::Instant::now();
-    let output = workspace.pitr(&config, &["archive-push", segments[0].to_str().unwrap()]);
+    let output = workspace.pitr(
+        &config,
+        &["archive-push", "--force", segments[0].to_str().unwrap()],
+    );
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     let prefix = format!(

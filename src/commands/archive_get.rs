@@ -10,11 +10,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::config::Settings;
 use crate::daemon::metrics::Metrics;
-use crate::durable::PendingFile;
+use crate::durable::{CommitError, PendingFile};
 use crate::envelope::DecodeMode;
 use crate::outage_spool::OutageSpool;
 use crate::prefetch::Prefetcher;
@@ -30,6 +30,7 @@ pub enum GetOutcome {
 pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Result<GetOutcome> {
     let name: WalFileName = wal_file.parse()?;
     let destination = absolute_destination(destination);
+    refuse_directory_destination(&destination)?;
     if let Some(outcome) = crate::daemon::client::get(settings, &name, &destination).await? {
         return Ok(outcome);
     }
@@ -212,16 +213,34 @@ pub async fn fetch_uncommitted(
 }
 
 /// The durable half of `fetch`: fsync, rename into place, fsync the directory. It waits on the
-/// disk, so it runs on a blocking thread rather than stalling the async ones.
+/// disk, so it runs on a blocking thread rather than stalling the async ones. A failure leaves
+/// nothing behind (see `PendingFile::commit`).
 pub async fn commit(pending: PendingFile, destination: &Path) -> Result<GetOutcome> {
     let committed = tokio::task::spawn_blocking(move || pending.commit())
         .await
         .expect("the commit task does not panic");
-    committed.with_context(|| {
-        format!(
-            "making {} durable failed; free space or fix the volume holding it",
+    match committed {
+        Ok(()) => Ok(GetOutcome::Restored),
+        Err(CommitError::Rename(error)) => bail!(
+            "cannot rename the restored file into place at {}: {error}; check the owner and permissions of that directory, nothing was left there",
             destination.display()
-        )
-    })?;
-    Ok(GetOutcome::Restored)
+        ),
+        Err(error) => bail!(
+            "making {} durable failed ({error}); free space or fix the volume holding it, nothing was left there",
+            destination.display()
+        ),
+    }
+}
+
+/// `%p` naming a directory can never be renamed over: refused before anything is fetched, so
+/// no segment is downloaded only to be thrown away.
+pub fn refuse_directory_destination(destination: &Path) -> Result<()> {
+    // A symbolic link is replaced by the rename, whatever it points to: only a directory fails.
+    if std::fs::symlink_metadata(destination).is_ok_and(|metadata| metadata.is_dir()) {
+        bail!(
+            "{} is a directory; restore_command must pass %p, the path of the file to create",
+            destination.display()
+        );
+    }
+    Ok(())
 }

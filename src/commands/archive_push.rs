@@ -35,9 +35,13 @@ pub struct WalFile {
     pub header: Option<SegmentHeader>,
 }
 
-/// The hook: validate, then let the daemon answer if one runs, else push directly.
-pub async fn run(settings: &Settings, path: &Path) -> Result<PushOutcome> {
+/// The hook: validate, check that Postgres has finished the file (unless `force`), then let the
+/// daemon answer if one runs, else push directly.
+pub async fn run(settings: &Settings, path: &Path, force: bool) -> Result<PushOutcome> {
     let file = validate(settings, path)?;
+    if !force {
+        require_ready(&file)?;
+    }
     if let Some(outcome) = crate::daemon::client::push(settings, &file.path).await? {
         return Ok(outcome);
     }
@@ -76,8 +80,9 @@ pub fn encode_options(settings: &Settings) -> EncodeOptions {
     }
 }
 
-/// The local checks, before any network: a WAL file name, a header that matches it, and the
-/// cluster of this data directory.
+/// The local checks, before any network: a WAL file name, a regular file whose content matches
+/// it (a segment header, or a history or backup history file that parses), and the cluster of
+/// this data directory. Both the hook and the daemon's archiver run them.
 pub fn validate(settings: &Settings, path: &Path) -> Result<WalFile> {
     let file_name = path
         .file_name()
@@ -90,9 +95,20 @@ pub fn validate(settings: &Settings, path: &Path) -> Result<WalFile> {
         })?;
     let name: WalFileName = file_name.parse()?;
     let path = resolve_against_working_directory(path);
-    let header = match name.segment() {
-        Some(segment) => Some(wal::read_segment_header(&path, file_name, segment)?),
-        None => header_of_any_segment_beside(&path),
+    let header = match name {
+        WalFileName::Segment(segment) | WalFileName::Partial(segment) => {
+            Some(wal::read_segment_header(&path, file_name, segment)?)
+        }
+        WalFileName::History(timeline) => {
+            wal::check_history_file(&path, file_name, timeline)?;
+            header_of_any_segment_beside(&path)
+        }
+        WalFileName::Backup { segment, offset } => {
+            let header = header_of_any_segment_beside(&path);
+            let size = header.map(|header| header.segment_size);
+            wal::check_backup_history_file(&path, file_name, segment, offset, size)?;
+            header
+        }
     };
     let local_system = wal::control_file_system_identifier(&settings.pgdata);
     if let (Some(header), Some(local)) = (header, local_system)
@@ -105,6 +121,36 @@ pub fn validate(settings: &Settings, path: &Path) -> Result<WalFile> {
         );
     }
     Ok(WalFile { name, path, header })
+}
+
+/// Postgres creates `archive_status/<name>.ready` once a file is complete, and only then runs
+/// archive_command; it renames it to `.done` once archived. Without either, the file may still
+/// be written (the current segment), and archiving it would make Postgres's own push of the
+/// finished file fail for ever with "different content". A file outside a pg_wal directory
+/// (no `archive_status` beside it) carries no such mark, so it is refused as well: only
+/// `--force` (recovery work by hand) archives either.
+fn require_ready(file: &WalFile) -> Result<()> {
+    let directory = file.path.parent().unwrap_or(Path::new("/"));
+    let status = directory.join("archive_status");
+    if !status.is_dir() {
+        bail!(
+            "{} is not in a pg_wal directory ({} has no archive_status beside it), so pitr cannot tell whether Postgres finished it (to archive it anyway for recovery work, run pitr archive-push --force {})",
+            file.name,
+            file.path.display(),
+            file.path.display()
+        );
+    }
+    let ready = status.join(format!("{}.ready", file.name));
+    let done = status.join(format!("{}.done", file.name));
+    if !ready.exists() && !done.exists() {
+        bail!(
+            "{} is not ready for archiving: {} does not exist, so Postgres may still be writing it; archive_command runs only once it does (to archive it anyway for recovery work, run pitr archive-push --force {})",
+            file.name,
+            ready.display(),
+            file.path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Makes a validated file durable in the repository, or, if the store cannot be reached and

@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow};
 
+use crate::wal::history::parse_history;
 use crate::wal::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
 /// The timelines recovery walks through to reach a target timeline, oldest first, each with the
@@ -13,22 +14,19 @@ use crate::wal::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 pub struct TimelinePath(pub Vec<(TimelineId, Lsn)>);
 
 impl TimelinePath {
-    /// Builds the path of `target` from its history file (`None` for a timeline without one).
+    /// Builds the path of `target` from its history file (`None` for a timeline without one),
+    /// parsed by the same rules archive-push checks it with.
     pub fn from_history(target: TimelineId, history: Option<&str>) -> Result<Self> {
         let mut path = Vec::new();
         let mut begin = Lsn(0);
-        for line in history.unwrap_or_default().lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
+        if let Some(text) = history {
+            let entries = parse_history(target, text).map_err(|problem| {
+                anyhow!("the history file of timeline {target} in the archive is not valid: {problem}; restore to a timeline whose history is intact (--target-timeline)")
+            })?;
+            for entry in entries {
+                path.push((entry.parent, begin));
+                begin = entry.switch_point;
             }
-            let mut fields = line.split_whitespace();
-            let (Some(parent), Some(switch)) = (fields.next(), fields.next()) else {
-                bail!("timeline history line '{line}' is malformed");
-            };
-            let parent = TimelineId(parent.parse()?);
-            path.push((parent, begin));
-            begin = switch.parse()?;
         }
         path.push((target, begin));
         Ok(TimelinePath(path))

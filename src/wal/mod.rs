@@ -3,8 +3,11 @@
 //! This module owns the domain types for write-ahead log positions and files (`Lsn`, `TimelineId`,
 //! `SegmentName`, `WalFileName`) and the check of a segment's long page header. Everything that
 //! decides "is this file a WAL segment of this cluster, at this position" lives here, so the
-//! archive path can refuse a wrong file before a single byte is uploaded.
+//! archive path can refuse a wrong file before a single byte is uploaded: only a regular file
+//! (never a link or a FIFO) of the right size whose content parses (a segment header, or a
+//! history or backup history file, see `history`) is archived.
 
+pub mod history;
 pub mod records;
 
 use std::fmt;
@@ -321,6 +324,54 @@ impl SegmentHeader {
     }
 }
 
+/// Opens a file Postgres handed over, only if it is a regular file: never through a symbolic
+/// link (`O_NOFOLLOW`), and without blocking on a FIFO (`O_NONBLOCK`, then `fstat`). Returns
+/// the open file and its length.
+pub fn open_regular_file(path: &Path) -> Result<(std::fs::File, u64), WalError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io_error = |error| WalError::Io {
+        path: path.display().to_string(),
+        error,
+    };
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let handle = match opened {
+        Ok(handle) => handle,
+        // A link fails with ELOOP, a socket with ENXIO: say what the file is instead.
+        Err(error) => {
+            return Err(match std::fs::symlink_metadata(path) {
+                Ok(metadata) if !metadata.is_file() => not_regular(path, metadata.file_type()),
+                _ => io_error(error),
+            });
+        }
+    };
+    let metadata = handle.metadata().map_err(io_error)?;
+    if !metadata.is_file() {
+        return Err(not_regular(path, metadata.file_type()));
+    }
+    Ok((handle, metadata.len()))
+}
+
+fn not_regular(path: &Path, kind: std::fs::FileType) -> WalError {
+    use std::os::unix::fs::FileTypeExt;
+    let path = path.display().to_string();
+    if kind.is_symlink() {
+        return WalError::SymbolicLink { path };
+    }
+    let kind = if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    };
+    WalError::NotARegularFile { path, kind }
+}
+
 /// Reads the first bytes of a file that should be a segment and validates them against its name
 /// and the file's size.
 pub fn read_segment_header(
@@ -332,8 +383,7 @@ pub fn read_segment_header(
         path: path.display().to_string(),
         error,
     };
-    let mut handle = std::fs::File::open(path).map_err(io_error)?;
-    let length = handle.metadata().map_err(io_error)?.len();
+    let (mut handle, length) = open_regular_file(path)?;
     let mut bytes = [0u8; LONG_HEADER_LEN];
     let mut filled = 0;
     while filled < bytes.len() {
@@ -354,6 +404,62 @@ pub fn read_segment_header(
     }
     header.check_matches_name(file, name)?;
     Ok(header)
+}
+
+/// Reads a history or backup history file: a regular file of at most
+/// `history::MAX_TEXT_FILE_BYTES`. Invalid UTF-8 is kept as replacement characters: only the
+/// ASCII fields are checked, and a restore point name may be in any encoding.
+fn read_text_file(path: &Path, file: &str) -> Result<String, WalError> {
+    let (handle, length) = open_regular_file(path)?;
+    let too_large = |length| WalError::TextFileTooLarge {
+        file: file.to_string(),
+        length,
+    };
+    if length > history::MAX_TEXT_FILE_BYTES {
+        return Err(too_large(length));
+    }
+    let mut bytes = Vec::new();
+    // One byte past the cap, in case the file grew since fstat.
+    handle
+        .take(history::MAX_TEXT_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|error| WalError::Io {
+            path: path.display().to_string(),
+            error,
+        })?;
+    if bytes.len() as u64 > history::MAX_TEXT_FILE_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Checks a timeline history file the way Postgres reads it at every restore.
+pub fn check_history_file(path: &Path, file: &str, timeline: TimelineId) -> Result<(), WalError> {
+    let text = read_text_file(path, file)?;
+    history::parse_history(timeline, &text).map_err(|problem| WalError::InvalidHistory {
+        file: file.to_string(),
+        problem,
+    })?;
+    Ok(())
+}
+
+/// Checks a backup history file: it parses and records the start its name encodes. `size` is
+/// the cluster's segment size when a segment beside the file tells it.
+pub fn check_backup_history_file(
+    path: &Path,
+    file: &str,
+    segment: SegmentName,
+    offset: u32,
+    size: Option<WalSegmentSize>,
+) -> Result<(), WalError> {
+    let text = read_text_file(path, file)?;
+    history::parse_backup_history(segment, offset, size, &text).map_err(|problem| {
+        WalError::InvalidBackupHistory {
+            file: file.to_string(),
+            problem,
+        }
+    })?;
+    Ok(())
 }
 
 /// The header of any valid segment in a `pg_wal` directory: it tells which cluster, version and
@@ -394,6 +500,33 @@ pub enum WalError {
         file: String,
         found: Lsn,
         expected: Lsn,
+    },
+    #[error(
+        "{path} is a symbolic link, not a file Postgres wrote; refusing to archive it (archive_command must pass %p, the file in pg_wal itself)"
+    )]
+    SymbolicLink { path: String },
+    #[error(
+        "{path} is {kind}, not a regular file; refusing to archive it (archive_command must pass %p, the file in pg_wal itself)"
+    )]
+    NotARegularFile { path: String, kind: &'static str },
+    #[error(
+        "{file} is {length} bytes long, more than the {max} a timeline history or backup history file may be; refusing to archive it (Postgres writes these itself: check what created this file)",
+        max = history::MAX_TEXT_FILE_BYTES
+    )]
+    TextFileTooLarge { file: String, length: u64 },
+    #[error(
+        "{file} is not a valid timeline history file: {problem}; refusing to archive it (Postgres writes these itself: check what created this file)"
+    )]
+    InvalidHistory {
+        file: String,
+        problem: history::TextFileProblem,
+    },
+    #[error(
+        "{file} is not a valid backup history file: {problem}; refusing to archive it (Postgres writes these itself: check what created this file)"
+    )]
+    InvalidBackupHistory {
+        file: String,
+        problem: history::TextFileProblem,
     },
     #[error("cannot read {path}: {error}")]
     Io { path: String, error: std::io::Error },

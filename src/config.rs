@@ -341,6 +341,40 @@ impl Settings {
         })
     }
 
+    /// How archived WAL is encoded: the configured zstd level and threads.
+    pub fn wal_encode_options(&self) -> crate::envelope::EncodeOptions {
+        crate::envelope::EncodeOptions {
+            compression_level: self.compression_level,
+            compression_workers: self.compression_threads,
+            ..crate::envelope::EncodeOptions::default()
+        }
+    }
+
+    /// The settings a child pitr process (the prefetch worker) needs, as the `PITR_*`
+    /// variables it reads: the one place that turns settings back into their environment.
+    /// Paths are made absolute, since the child may run elsewhere.
+    pub fn child_environment(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.into());
+        let mut environment = vec![
+            ("PITR_PGDATA", absolute(&self.pgdata).into_os_string()),
+            (
+                "PITR_STORE_TIMEOUT",
+                self.store_timeout.as_secs().to_string().into(),
+            ),
+            ("PITR_PREFETCH", self.prefetch_segments.to_string().into()),
+        ];
+        if let Some(config) = &self.config_file {
+            environment.push(("PITR_CONFIG", config.clone().into_os_string()));
+        }
+        if let Some(repo) = &self.repo {
+            environment.push(("PITR_REPO", repo.into()));
+        }
+        if let Some(key_file) = &self.key_file {
+            environment.push(("PITR_KEY_FILE", absolute(key_file).into_os_string()));
+        }
+        environment
+    }
+
     pub fn repo_url(&self) -> Result<&str, ConfigError> {
         self.repo.as_deref().ok_or(ConfigError::MissingRepo)
     }

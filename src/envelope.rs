@@ -1298,7 +1298,9 @@ fn corrupt_unless_wrapped(error: io::Error, object: &str) -> EnvelopeError {
 impl EnvelopeError {
     /// Whether the object itself is damaged or forged, so that storing a verified copy in its
     /// place loses nothing: a torn write, a flipped bit, a planted or moved object. An object
-    /// under a key this keyring lacks, or of a newer format, may be valid and is never one.
+    /// under a key this keyring lacks, or of a newer format, may be valid and is never one; nor
+    /// is one whose data key does not unwrap, since a keyring holding the right id with the
+    /// wrong bytes (a mistyped copy) would otherwise replace valid objects.
     pub fn is_damaged_object(&self) -> bool {
         matches!(
             self,
@@ -1306,7 +1308,7 @@ impl EnvelopeError {
                 | EnvelopeError::CorruptHeader(_)
                 | EnvelopeError::NameMismatch { .. }
                 | EnvelopeError::Unencrypted(_)
-                | EnvelopeError::AuthenticationFailed { .. }
+                | EnvelopeError::AuthenticationFailed { chunk: Some(_), .. }
                 | EnvelopeError::Truncated(_)
                 | EnvelopeError::ChecksumMismatch(_)
                 | EnvelopeError::CorruptCompressedData(_)
@@ -1709,5 +1711,40 @@ mod tests {
             written.len() as u64 <= claimed.length,
             "nothing past the promised length"
         );
+    }
+
+    #[test]
+    fn only_damage_to_the_object_itself_allows_replacing_it() {
+        let object = || "wal/x".to_string();
+        for damaged in [
+            EnvelopeError::Truncated(object()),
+            EnvelopeError::CorruptHeader(object()),
+            EnvelopeError::Unencrypted(object()),
+            EnvelopeError::AuthenticationFailed {
+                object: object(),
+                chunk: Some(0),
+            },
+        ] {
+            assert!(damaged.is_damaged_object(), "{damaged}");
+        }
+        // A data key that does not unwrap may be a keyring with the right id and wrong bytes;
+        // an unknown key or a newer format may be a valid object this pitr cannot read.
+        for valid_maybe in [
+            EnvelopeError::AuthenticationFailed {
+                object: object(),
+                chunk: None,
+            },
+            EnvelopeError::UnknownKey {
+                object: object(),
+                key_id: KeyId(7),
+            },
+            EnvelopeError::UnsupportedVersion {
+                object: object(),
+                version: 9,
+            },
+            EnvelopeError::KeyringRequired(object()),
+        ] {
+            assert!(!valid_maybe.is_damaged_object(), "{valid_maybe}");
+        }
     }
 }

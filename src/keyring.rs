@@ -151,14 +151,16 @@ impl Keyring {
     /// a key by its position and, once it parsed, its id: never by text that might be key
     /// material (an id and a key swapped by hand would otherwise echo the key).
     pub fn load(path: &Path) -> Result<Self, KeyringError> {
-        check_permissions(path)?;
-        let text =
-            Zeroizing::new(
-                std::fs::read_to_string(path).map_err(|error| KeyringError::Read {
-                    path: path.display().to_string(),
-                    error,
-                })?,
-            );
+        let read_error = |error| KeyringError::Read {
+            path: path.display().to_string(),
+            error,
+        };
+        // Checked on the open file and read from it: a check of the path followed by a read
+        // of the path could be answered by two different files.
+        let mut file = std::fs::File::open(path).map_err(read_error)?;
+        check_permissions(path, &file.metadata().map_err(read_error)?)?;
+        let mut text = Zeroizing::new(String::new());
+        std::io::Read::read_to_string(&mut file, &mut text).map_err(read_error)?;
         let malformed = |problem: String| KeyringError::Malformed {
             path: path.display().to_string(),
             problem,
@@ -179,6 +181,18 @@ impl Keyring {
                 .id
                 .parse::<KeyId>()
                 .map_err(|_| malformed(format!("the id of key {position} is not 16 hex digits")))?;
+            // Id 0 means "no key" in object headers, and an id given twice would make which
+            // key unwraps an object depend on the order of the file.
+            if id.0 == 0 {
+                return Err(malformed(format!(
+                    "key {position} has id 0000000000000000, which object headers reserve for \"not encrypted\""
+                )));
+            }
+            if keys.iter().any(|key: &KeyringKey| key.id == id) {
+                return Err(malformed(format!(
+                    "key {position} repeats the id {id} of an earlier key"
+                )));
+            }
             let mut bytes = Zeroizing::new([0u8; 32]);
             hex::decode_to_slice(&entry.key, bytes.as_mut())
                 .map_err(|_| malformed(format!("key {position} (id {id}) is not 64 hex digits")))?;
@@ -267,14 +281,22 @@ impl Keyring {
     }
 }
 
-/// Refuses a keyring that anyone but its owner could change, or that every user could read.
-/// Group-readable is allowed on purpose: Kubernetes mounts a Secret with `defaultMode: 0440`
-/// and the pod's fsGroup as its group, and that group is the workload's own.
-fn check_permissions(path: &Path) -> Result<(), KeyringError> {
-    let metadata = std::fs::metadata(path).map_err(|error| KeyringError::Read {
-        path: path.display().to_string(),
-        error,
-    })?;
+/// Refuses a keyring that anyone but its owner could change, or that every user could read,
+/// or that belongs to a user other than this one or root (who could swap in their own key). Group-readable is
+/// allowed on purpose: Kubernetes mounts a Secret with `defaultMode: 0440` and the pod's
+/// fsGroup as its group, and that group is the workload's own.
+fn check_permissions(path: &Path, metadata: &std::fs::Metadata) -> Result<(), KeyringError> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let user = unsafe { libc::geteuid() };
+    // Root may use a keyring of the service user it acts for (a restore run with sudo).
+    if user != 0 && metadata.uid() != user && metadata.uid() != 0 {
+        return Err(KeyringError::Owner {
+            path: path.display().to_string(),
+            owner: metadata.uid(),
+            user,
+        });
+    }
     let mode = metadata.permissions().mode() & 0o777;
     let problem = if mode & 0o002 != 0 {
         "is writable by other users"
@@ -317,6 +339,10 @@ pub enum KeyringError {
         "keyring {path} {problem}; run chmod 0600 {path} (or 0640 for a group that must read it, such as a Kubernetes fsGroup)"
     )]
     Permissions { path: String, problem: String },
+    #[error(
+        "keyring {path} belongs to uid {owner}, not to this user (uid {user}) or root, who could swap in a key of their own; give it to the user pitr runs as (chown)"
+    )]
+    Owner { path: String, owner: u32, user: u32 },
 }
 
 #[cfg(test)]

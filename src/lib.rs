@@ -6,6 +6,7 @@
 //! store is unreachable, `config` resolves settings, and `commands` are
 //! the entry points the CLI calls. docs/ARCHITECTURE.md walks through them.
 
+pub mod archive;
 pub mod backup;
 pub mod buffer_pool;
 pub mod commands;
@@ -14,9 +15,7 @@ pub mod daemon;
 pub mod durable;
 pub mod envelope;
 pub mod keyring;
-pub mod outage_spool;
 pub mod postgres;
-pub mod prefetch;
 pub mod progress;
 pub mod repository;
 pub mod restore;

@@ -313,8 +313,8 @@ async fn run(
             wal_file,
             destination,
         } => match archive_get::run(settings, wal_file, destination).await? {
-            archive_get::GetOutcome::Restored => Ok(ExitCode::SUCCESS),
-            archive_get::GetOutcome::NotFound => {
+            pitr::archive::get::GetOutcome::Restored => Ok(ExitCode::SUCCESS),
+            pitr::archive::get::GetOutcome::NotFound => {
                 tracing::debug!(wal_file, "not in the archive");
                 Ok(ExitCode::from(1))
             }

@@ -136,6 +136,18 @@ impl Identity {
     }
 }
 
+/// 16 random hex digits for a temporary object's name. A failing random source is an error,
+/// never a fixed name that two processes would share.
+fn random_suffix() -> Result<String, RepositoryError> {
+    getrandom::u64()
+        .map(|value| format!("{value:016x}"))
+        .map_err(|error| {
+            RepositoryError::Config(format!(
+                "the operating system's random source failed ({error}); check the system"
+            ))
+        })
+}
+
 /// The cipher an encrypted repository's identity names: the envelope's AES-256-GCM STREAM.
 const IDENTITY_CIPHER: &str = "aes-256-gcm-stream";
 
@@ -589,6 +601,7 @@ impl Repository {
     /// exist. See `envelope::authenticate`. On `file://` it is also made durable, since a
     /// writer killed between its write and its fsync may have left it in the page cache only.
     pub async fn authenticate_object(&self, key: &str) -> Result<Option<Header>, RepositoryError> {
+        self.require_identity().await?;
         let Some(bytes) = self.get_bytes(key).await? else {
             return Ok(None);
         };
@@ -605,21 +618,14 @@ impl Repository {
 
     /// Stores a fresh copy of the local file at `path` in place of the object at `key`, which
     /// failed verification (`EnvelopeError::is_damaged_object`: a write torn by a crash, a
-    /// flipped bit, an object planted in the bucket). The new object is complete and durable
-    /// under a temporary name first; the damaged one is replaced only if it is still damaged,
-    /// atomically: on `file://` by a rename over it, elsewhere by a write conditional on the
-    /// damaged object's ETag. `false` if the object verified after all (another writer fixed
-    /// it first): the caller then compares as for any stored object.
+    /// flipped bit, an object planted in the bucket). `false` if the object verified after
+    /// all (another writer replaced it first): the caller then compares as for any object.
     pub async fn replace_damaged(
         &self,
         key: &str,
         path: &FsPath,
         options: &EncodeOptions,
     ) -> Result<bool, RepositoryError> {
-        let location = self.location(key);
-        let damaged = self
-            .bounded(&format!("reading {key}"), self.store.head(&location))
-            .await?;
         let (key_owned, path_owned, options, keyring) = (
             key.to_string(),
             path.to_path_buf(),
@@ -632,37 +638,76 @@ impl Repository {
         .await
         .expect("the encoding task does not panic")
         .map_err(RepositoryError::Envelope)?;
-        let payload: PutPayload = parts.into_iter().collect();
+        self.replace_damaged_with(key, parts.into_iter().collect())
+            .await
+    }
+
+    /// `replace_damaged` with an object already encoded (the outage spool's copy, which the
+    /// caller has authenticated).
+    pub async fn replace_damaged_with(
+        &self,
+        key: &str,
+        payload: PutPayload,
+    ) -> Result<bool, RepositoryError> {
         if self.is_local() {
-            return self.replace_local(key, &location, payload).await;
+            self.replace_local(key, payload).await
+        } else {
+            self.replace_remote(key, payload).await
+        }
+    }
+
+    /// The write is conditional on the ETag of the very read whose bytes failed verification,
+    /// so a concurrent replacement (a valid object by now) is never overwritten.
+    async fn replace_remote(
+        &self,
+        key: &str,
+        payload: PutPayload,
+    ) -> Result<bool, RepositoryError> {
+        let location = self.location(key);
+        let read = async {
+            let result = self.store.get(&location).await?;
+            let meta = result.meta.clone();
+            Ok((result.bytes().await?, meta))
+        };
+        let (bytes, meta) = self.bounded(&format!("reading {key}"), read).await?;
+        if !self.is_damaged(key, bytes).await? {
+            return Ok(false);
         }
         let replace = PutOptions {
             mode: PutMode::Update(object_store::UpdateVersion {
-                e_tag: damaged.e_tag,
-                version: damaged.version,
+                e_tag: meta.e_tag,
+                version: meta.version,
             }),
             ..PutOptions::default()
         };
         let put = self.create_store.put_opts(&location, payload, replace);
-        match self.bounded(&format!("replacing {key}"), put).await {
-            Ok(_) => Ok(true),
-            Err(RepositoryError::Store { .. }) if self.authenticate_object(key).await.is_ok() => {
-                Ok(false)
-            }
-            Err(error) => Err(error),
+        match tokio::time::timeout(self.timeout, put).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(object_store::Error::Precondition { .. })) => Ok(false),
+            Ok(Err(error)) => Err(RepositoryError::from_store(
+                &self.url,
+                &format!("replacing {key}"),
+                error,
+            )),
+            Err(_) => Err(RepositoryError::Unreachable {
+                url: self.url.clone(),
+                detail: format!(
+                    "replacing {key} did not finish within {} s",
+                    self.timeout.as_secs()
+                ),
+            }),
         }
     }
 
-    async fn replace_local(
-        &self,
-        key: &str,
-        location: &Path,
-        payload: PutPayload,
-    ) -> Result<bool, RepositoryError> {
+    /// The new object is staged complete and durable under `tmp/`, then, holding a lock that
+    /// every replacing pitr takes, the stored object is checked again and the staged one
+    /// renamed over it: two pushers can never both see "damaged" and replace each other.
+    async fn replace_local(&self, key: &str, payload: PutPayload) -> Result<bool, RepositoryError> {
+        let location = self.location(key);
         let staged = self.location(&format!(
             "{TEMPORARY_PREFIX}/replace-{}-{}",
             std::process::id(),
-            hex::encode(getrandom::u64().unwrap_or_default().to_le_bytes())
+            random_suffix()?
         ));
         let options = PutOptions {
             mode: PutMode::Overwrite,
@@ -671,22 +716,63 @@ impl Repository {
         let staging = self.create_store.put_opts(&staged, payload, options);
         self.bounded(&format!("staging a new copy of {key}"), staging)
             .await?;
-        let still_damaged = match self.authenticate_object(key).await {
-            Err(RepositoryError::Envelope(error)) => error.is_damaged_object(),
-            _ => false,
+        let lock = self.replace_lock()?;
+        let result = match self.get_bytes(key).await {
+            Ok(Some(bytes)) => match self.is_damaged(key, bytes).await {
+                Ok(true) => {
+                    // The fsyncing store syncs the directory after the rename.
+                    let rename = self.create_store.rename(&staged, &location);
+                    self.bounded(&format!("replacing {key}"), rename)
+                        .await
+                        .map(|()| true)
+                }
+                other => other,
+            },
+            Ok(None) => Ok(false),
+            Err(error) => Err(error),
         };
-        let result = if still_damaged {
-            // Rename, not create-only: the damaged object is what this replaces. The fsyncing
-            // store syncs the directory after the rename.
-            let rename = self.create_store.rename(&staged, location);
-            self.bounded(&format!("replacing {key}"), rename).await
-        } else {
-            Ok(())
-        };
-        if !still_damaged || result.is_err() {
+        drop(lock);
+        if !matches!(result, Ok(true)) {
             let _ = self.store.delete(&staged).await;
         }
-        result.map(|()| still_damaged)
+        result
+    }
+
+    /// An exclusive lock on `tmp/.replace.lock` in a `file://` repository, released on drop.
+    fn replace_lock(&self) -> Result<std::fs::File, RepositoryError> {
+        let root = self.local_root.as_ref().expect("only a file:// repository");
+        let directory = root.join(TEMPORARY_PREFIX);
+        let locked = std::fs::create_dir_all(&directory).and_then(|()| {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(directory.join(".replace.lock"))?;
+            file.lock()?;
+            Ok(file)
+        });
+        locked.map_err(|error| RepositoryError::Io {
+            url: self.url.clone(),
+            detail: format!(
+                "cannot lock {} for a replacement: {error}",
+                directory.display()
+            ),
+        })
+    }
+
+    /// Whether `bytes`, read from `key`, fail verification as a damaged object.
+    async fn is_damaged(&self, key: &str, bytes: Bytes) -> Result<bool, RepositoryError> {
+        let (key_owned, keyring) = (key.to_string(), self.keyring.clone());
+        let verified = tokio::task::spawn_blocking(move || {
+            envelope::authenticate(&bytes[..], &key_owned, keyring.as_ref())
+        })
+        .await
+        .expect("the verification task does not panic");
+        match verified {
+            Ok(_) => Ok(false),
+            Err(error) if error.is_damaged_object() => Ok(true),
+            Err(error) => Err(RepositoryError::Envelope(error)),
+        }
     }
 
     /// Proves that the store refuses a create-only write of a name that exists, by writing a
@@ -694,10 +780,7 @@ impl Repository {
     /// `If-None-Match` would let a second writer overwrite archived WAL silently. Run before a
     /// repository is created, and by `pitr check`.
     pub async fn probe_create_only(&self) -> Result<(), RepositoryError> {
-        let key = format!(
-            "{TEMPORARY_PREFIX}/create-only-probe-{}",
-            hex::encode(getrandom::u64().unwrap_or_default().to_le_bytes())
-        );
+        let key = format!("{TEMPORARY_PREFIX}/create-only-probe-{}", random_suffix()?);
         let location = self.location(&key);
         let first = PutPayload::from_static(b"first");
         let second = PutPayload::from_static(b"second");
@@ -828,7 +911,11 @@ impl Repository {
         })
     }
 
-    /// Reads, verifies and decodes the object at `key` into `sink`. `None` if there is no
+    /// Reads, verifies and decodes the object at `key` into `sink`. Like every read of an
+    /// object, it first checks the identity (cached after the first time): the identity, not
+    /// the object, decides whether objects must be encrypted, and a process whose keyring
+    /// disagrees with it must read nothing, or a missing keyring would make planted
+    /// unencrypted objects acceptable. `None` if there is no
     /// such object. Memory stays at a few chunks, the body streaming from the store to the
     /// sink, except that `DecodeMode::Concurrent` may decode a local segment in one pooled
     /// buffer; a remote body is always decoded `Alone`.
@@ -838,6 +925,7 @@ impl Repository {
         sink: W,
         mode: DecodeMode,
     ) -> Result<Option<(Header, W)>, RepositoryError> {
+        self.require_identity().await?;
         let location = self.location(key);
         let result = match self
             .bounded(&format!("reading {key}"), self.store.get(&location))
@@ -1200,7 +1288,7 @@ pub enum RepositoryError {
     )]
     Denied { url: String, detail: String },
     #[error(
-        "the store behind repository {0} overwrote an existing object on a create-only write (it ignores If-None-Match), so archived WAL would not be safe there; use a store with conditional writes, or for an S3-compatible store without them set aws_conditional_put = 'dynamo:<table>' in [store]"
+        "the store behind repository {0} overwrote an existing object on a create-only write (it ignores If-None-Match), so archived WAL would not be safe there; use a store that honours conditional writes (AWS S3, MinIO, Cloudflare R2, GCS, Azure Blob) or a file:// repository"
     )]
     Overwrites(String),
     #[error("repository {url}: {detail}; check the store's settings")]
@@ -1227,15 +1315,89 @@ impl RepositoryError {
                 url: url.to_string(),
                 detail: format!("{what} was refused: {}", one_line(&error)),
             },
-            object_store::Error::Generic { .. } => RepositoryError::Unreachable {
-                url: url.to_string(),
-                detail: format!("{what} failed: {}", one_line(&error)),
+            object_store::Error::Generic { .. } => match classify_generic(&error) {
+                GenericKind::Outage => RepositoryError::Unreachable {
+                    url: url.to_string(),
+                    detail: format!("{what} failed: {}", one_line(&error)),
+                },
+                GenericKind::Denied => RepositoryError::Denied {
+                    url: url.to_string(),
+                    detail: format!("{what} was refused: {}", one_line(&error)),
+                },
+                GenericKind::Refused => RepositoryError::Store {
+                    url: url.to_string(),
+                    detail: format!("{what} failed: {}", one_line(&error)),
+                },
             },
             other => RepositoryError::Store {
                 url: url.to_string(),
                 detail: format!("{what} failed: {}", one_line(&other)),
             },
         }
+    }
+}
+
+/// What an object_store `Generic` error means for the caller. object_store gives 401, 403,
+/// 404, 409 and 412 their own kinds and folds every other failure into `Generic`: a transport
+/// failure, a timeout, a 5xx, but also a 400 that S3 sends for an expired session token, and
+/// a failure to obtain credentials at all.
+enum GenericKind {
+    /// The store could not be reached or failed on its side: waiting may help.
+    Outage,
+    /// The credentials were refused or could not be obtained: waiting never helps.
+    Denied,
+    /// The store refused the request for another reason.
+    Refused,
+}
+
+/// S3 error codes that mean the credentials, not the store, are the problem.
+const CREDENTIAL_ERROR_CODES: [&str; 9] = [
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AuthorizationHeaderMalformed",
+    "InvalidSecurity",
+    "AccessDenied",
+    "AccountProblem",
+];
+
+fn classify_generic(error: &object_store::Error) -> GenericKind {
+    let text = one_line(error);
+    if CREDENTIAL_ERROR_CODES
+        .iter()
+        .any(|code| text.contains(code))
+        || text.to_ascii_lowercase().contains("credential")
+    {
+        return GenericKind::Denied;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if current
+            .downcast_ref::<object_store::client::HttpError>()
+            .is_some()
+        {
+            return GenericKind::Outage;
+        }
+        if let Some(io) = current.downcast_ref::<io::Error>() {
+            return match io.kind() {
+                io::ErrorKind::PermissionDenied => GenericKind::Denied,
+                _ => GenericKind::Outage,
+            };
+        }
+        cause = current.source();
+    }
+    // An HTTP status, as object_store words it: a server error or throttling is an outage,
+    // any other client error a refusal.
+    match text
+        .split("status code: ")
+        .nth(1)
+        .and_then(|rest| rest.get(..3))
+    {
+        Some(code) if code.starts_with('5') || code == "429" => GenericKind::Outage,
+        Some(code) if code.starts_with('4') => GenericKind::Refused,
+        _ => GenericKind::Outage,
     }
 }
 
@@ -1252,4 +1414,51 @@ fn one_line(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generic(message: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: message.to_string().into(),
+        }
+    }
+
+    #[test]
+    fn only_an_unreachable_store_is_an_outage() {
+        let url = "s3://bucket/prefix";
+        let kind = |error| RepositoryError::from_store(url, "reading x", error);
+        // S3 answers an expired session token with 400, which object_store folds into Generic.
+        for denied in [
+            "Error performing PUT http://s3/x in 20ms - Server returned non-2xx status code: 400 Bad Request: <Error><Code>ExpiredToken</Code></Error>",
+            "Error getting credentials from instance metadata: connection refused",
+        ] {
+            assert!(
+                matches!(kind(generic(denied)), RepositoryError::Denied { .. }),
+                "{denied}"
+            );
+        }
+        for outage in [
+            "Error performing GET http://s3/x in 5s - Server returned non-2xx status code: 503 Service Unavailable: ",
+            "Error performing GET http://s3/x in 5s - Server returned non-2xx status code: 429 Too Many Requests: ",
+        ] {
+            assert!(
+                matches!(kind(generic(outage)), RepositoryError::Unreachable { .. }),
+                "{outage}"
+            );
+        }
+        let refused = "Error performing PUT http://s3/x in 2ms - Server returned non-2xx status code: 400 Bad Request: <Error><Code>InvalidArgument</Code></Error>";
+        assert!(matches!(
+            kind(generic(refused)),
+            RepositoryError::Store { .. }
+        ));
+        let io = object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(io::Error::from(io::ErrorKind::PermissionDenied)),
+        };
+        assert!(matches!(kind(io), RepositoryError::Denied { .. }));
+    }
 }

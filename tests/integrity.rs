@@ -161,6 +161,11 @@ impl Fixture {
     }
 }
 
+/// The one error line pitr prints last: a long restore logs its progress before it.
+fn error_line(output: &Output) -> String {
+    stderr_of(output).lines().last().unwrap_or_default().to_string()
+}
+
 /// The four forgeries of an object whose genuine copy is at `key`, each as the bytes to plant
 /// at `key`, with the reason each is refused. `other_key` is a genuine object of the same kind.
 fn forgeries(
@@ -245,7 +250,7 @@ fn each_forgery_refused(
         fixture.plant(key, &bytes);
         let (output, reached_destination) = read(&format!("{index}"));
         assert_eq!(
-            (output.status.code(), stderr_of(&output)),
+            (output.status.code(), error_line(&output)),
             (Some(1), message(&reason)),
             "{forgery} of {key}"
         );
@@ -695,7 +700,9 @@ fn a_torn_stored_object_is_replaced_on_the_next_push() {
         assert!(std::fs::read(&target).unwrap() == std::fs::read(&segment).unwrap());
     }
     assert!(
-        fixture.keys_under("tmp").next().is_none(),
+        fixture
+            .keys_under("tmp")
+            .all(|key| key == "tmp/.replace.lock"),
         "a staged replacement was left behind"
     );
 }
@@ -826,7 +833,7 @@ fn a_store_that_overwrites_on_create_only_writes_is_refused() {
         (
             Some(1),
             format!(
-                "pitr archive-push: error: the store behind repository s3://{}/overwrites overwrote an existing object on a create-only write (it ignores If-None-Match), so archived WAL would not be safe there; use a store with conditional writes, or for an S3-compatible store without them set aws_conditional_put = 'dynamo:<table>' in [store]",
+                "pitr archive-push: error: the store behind repository s3://{}/overwrites overwrote an existing object on a create-only write (it ignores If-None-Match), so archived WAL would not be safe there; use a store that honours conditional writes (AWS S3, MinIO, Cloudflare R2, GCS, Azure Blob) or a file:// repository",
                 server.bucket
             )
         )
@@ -941,4 +948,102 @@ fn the_s3_credential_source_is_logged_and_metadata_can_be_turned_off() {
             )
         )
     );
+}
+
+#[test]
+fn a_daemon_without_the_repositorys_keyring_refuses_to_start() {
+    if !pg15_available() {
+        return;
+    }
+    // Without the keyring, an encrypted repository's genuine objects are unreadable, but a
+    // planted unencrypted one would decode: a daemon that served requests anyway would hand
+    // forged WAL to Postgres. The identity, not the object, decides.
+    let fixture = Fixture::new();
+    let history = "wal/00000002/00000002.history";
+    let planted = envelope::encode_bytes(
+        b"1\t0/3000000\tno recovery target specified\n",
+        history,
+        None,
+        &EncodeOptions::default(),
+    )
+    .unwrap()
+    .1
+    .iter()
+    .flat_map(|part| part.to_vec())
+    .collect::<Vec<u8>>();
+    fixture.plant(history, &planted);
+    let url = format!("file://{}", fixture.repository.display());
+    let config = fixture.workspace.write_config(
+        "no-keyring.toml",
+        &format!(
+            "repo = '{url}'\npgdata = '{}'\nhttp_addr = '127.0.0.1:{}'\n",
+            fixture.workspace.path("primary").display(),
+            support::free_port()
+        ),
+    );
+    let output = support::as_postgres_bounded(&fixture.workspace.pitr, 20)
+        .env("PITR_LOG", "warn")
+        .arg("--config")
+        .arg(&config)
+        .arg("daemon")
+        .output()
+        .unwrap();
+    assert_eq!(
+        (output.status.code(), stderr_of(&output)),
+        (
+            Some(1),
+            format!(
+                "pitr daemon: error: refusing to start the daemon: wrong keyring for repository {url}: the repository is encrypted but no keyring is configured; set PITR_KEY_FILE to its keyring"
+            )
+        )
+    );
+}
+
+#[test]
+fn keyring_ids_are_unique_and_never_zero() {
+    let workspace = Workspace::new();
+    let genuine = std::fs::read_to_string(workspace.keygen("keyring")).unwrap();
+    let entry = genuine[genuine.find("[[keys]]").unwrap()..].to_string();
+    let id = entry
+        .lines()
+        .find_map(|line| line.strip_prefix("id = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let repository = workspace.path("repo");
+    for (name, body, problem) in [
+        (
+            "repeated",
+            format!("{genuine}\n{entry}"),
+            format!("key 2 repeats the id {id} of an earlier key"),
+        ),
+        (
+            "zero",
+            genuine.replace(&id, "0000000000000000"),
+            "key 1 has id 0000000000000000, which object headers reserve for \"not encrypted\""
+                .to_string(),
+        ),
+    ] {
+        let keyring = keyring_file(&workspace, name, &body, 0o600);
+        let config = workspace.write_config(
+            &format!("{name}.toml"),
+            &format!(
+                "repo = 'file://{}'\nkey_file = '{}'\n",
+                repository.display(),
+                keyring.display()
+            ),
+        );
+        let output = workspace.pitr(&config, &["wal", "list"]);
+        assert_eq!(
+            (output.status.code(), stderr_of(&output)),
+            (
+                Some(1),
+                format!(
+                    "pitr wal list: error: keyring {} is malformed: {problem}; fix the file, or restore it from your copy",
+                    keyring.display()
+                )
+            ),
+            "{name}"
+        );
+    }
 }

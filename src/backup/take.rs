@@ -24,7 +24,9 @@ use super::{
 };
 use crate::config::Settings;
 use crate::envelope::EncodeOptions;
-use crate::repository::{Durability, Identity, PutOutcome, Repository, check_same_cluster};
+use crate::repository::{
+    Durability, Identity, PutOutcome, Repository, RepositoryError, check_same_cluster,
+};
 use crate::wal::{self, Lsn, TimelineId};
 
 /// Directories whose contents Postgres documents as safe to omit (they are recreated or
@@ -488,11 +490,14 @@ async fn store_chunk(
         // No complete backup references this chunk, so an interrupted backup (or a concurrent
         // one) wrote it. After a crash it may be empty or torn: use it only once verified.
         PutOutcome::AlreadyExists => {
-            if matches!(
-                shared.repository.authenticate_object(&key).await,
-                Ok(Some(_))
-            ) {
-                return Ok(id);
+            // Only a damaged chunk is replaced: a store that cannot be reached, or a chunk
+            // under a key this keyring lacks, fails the backup instead of removing a chunk
+            // that a concurrent backup may be about to reference.
+            match shared.repository.authenticate_object(&key).await {
+                Ok(Some(_)) => return Ok(id),
+                Ok(None) => {}
+                Err(RepositoryError::Envelope(error)) if error.is_damaged_object() => {}
+                Err(error) => return Err(error.into()),
             }
             tracing::warn!(chunk = %key, "replacing a damaged chunk that no backup references");
             shared.repository.remove_unreferenced(&key).await?;

@@ -27,11 +27,11 @@ use futures::future::{BoxFuture, Shared};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::commands::archive_push::{self, PushOutcome};
+use crate::archive::outage_spool::{self, OutageSpool, SpoolUsage};
+use crate::archive::push::{self as archive_push, PushOutcome};
 use crate::config::Settings;
 use crate::daemon::metrics::Metrics;
 use crate::envelope::EncodeOptions;
-use crate::outage_spool::{OutageSpool, SpoolUsage};
 use crate::repository::{Repository, WAL_PREFIX};
 use crate::wal::WalFileName;
 
@@ -99,7 +99,7 @@ impl Archiver {
         repository: Arc<Repository>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let mut options = archive_push::encode_options(settings);
+        let mut options = settings.wal_encode_options();
         // Parallelism comes from concurrent uploads; one zstd thread each keeps the cores shared.
         options.compression_workers = 0;
         options.whole_files = true;
@@ -231,13 +231,13 @@ impl Archiver {
             .await
             .map_err(|error| error.to_string())?;
         let started = Instant::now();
-        let file =
-            archive_push::validate(&self.settings, path).map_err(|error| format!("{error:#}"))?;
+        let file = archive_push::validate(&self.settings.pgdata, path)
+            .map_err(|error| format!("{error:#}"))?;
         let outcome = match self.push(&file, known_to_exist).await {
             // The startup listing is only a hint that saves an upload: the object may have left
             // the store since. The create-only put is the authority, so ask it; an object that
             // does exist is still compared there, and one with other content is still refused.
-            Err(error) if known_to_exist && !crate::outage_spool::is_outage(&error) => {
+            Err(error) if known_to_exist && !outage_spool::is_outage(&error) => {
                 tracing::info!(
                     file = %file.name,
                     "listed at startup but not confirmed now ({error:#}); pushing it as a new file"

@@ -12,8 +12,8 @@ use anyhow::{Result, bail};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::commands::archive_get::GetOutcome;
-use crate::commands::archive_push::PushOutcome;
+use crate::archive::get::GetOutcome;
+use crate::archive::push::PushOutcome;
 use crate::config::Settings;
 use crate::wal::WalFileName;
 

@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::archive::prefetch::{PrefetchCounters, PrefetchSettings, Prefetcher};
 use crate::config::Settings;
-use crate::prefetch::Prefetcher;
 use crate::repository::Repository;
+use crate::repository::RepositoryError;
 use archiver::Archiver;
 use metrics::Metrics;
 
@@ -116,14 +117,33 @@ pub async fn run(settings: Settings) -> Result<()> {
             "cannot list the repository yet ({error:#}); uploads will compare with what exists"
         ),
     }
-    if let (Ok(Some(identity)), Some(local)) = (
-        repository.read_identity().await,
+    // A repository that does not exist yet (the first push creates it) or a store that cannot
+    // be reached now does not stop the daemon; a wrong keyring, a damaged identity or refused
+    // credentials would fail every request, so they stop it at once.
+    let identity = match repository.read_identity().await {
+        Ok(identity) => identity,
+        Err(error @ RepositoryError::Unreachable { .. }) => {
+            tracing::warn!("cannot read the repository's identity yet: {error}");
+            None
+        }
+        Err(error) => return Err(error).context("refusing to start the daemon"),
+    };
+    if let (Some(identity), Some(local)) = (
+        identity,
         crate::wal::control_file_system_identifier(&settings.pgdata),
     ) {
         crate::repository::check_same_cluster(&repository.url, &identity, local)
             .with_context(|| format!("refusing to serve {}", settings.pgdata.display()))?;
     }
-    let prefetcher = Prefetcher::new(&settings, Arc::clone(&repository), Arc::clone(&metrics));
+    let counters = PrefetchCounters {
+        hits: metrics.prefetch_hits.clone(),
+        misses: metrics.prefetch_misses.clone(),
+    };
+    let prefetcher = Prefetcher::new(
+        &PrefetchSettings::from(&settings),
+        Arc::clone(&repository),
+        counters,
+    );
     let daemon = Arc::new(Daemon {
         settings: settings.clone(),
         repository,

@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::commands::archive_get::GetOutcome;
-use crate::commands::archive_push::PushOutcome;
+use crate::archive::get::GetOutcome;
+use crate::archive::push::PushOutcome;
 use crate::daemon::Daemon;
 use crate::daemon::metrics::HookLabels;
 

@@ -530,9 +530,9 @@ fn prefetch_from_backup_start(
     else {
         return;
     };
-    crate::prefetch::remember_identity(settings, repository);
-    crate::commands::archive_get::start_prefetch_worker(
-        settings,
+    crate::archive::prefetch::remember_identity(&settings.pgdata, repository);
+    crate::archive::prefetch::start_worker(
+        &settings.child_environment(),
         SegmentName::from_segment_number(backup.timeline, before_first, size),
     );
 }

@@ -31,6 +31,7 @@ use crate::repository::{PutOutcome, Repository, RepositoryError};
 const IDENTITY_COPY: &str = "pitr.identity";
 
 /// The outage spool named in the settings.
+#[derive(Clone)]
 pub struct OutageSpool {
     directory: PathBuf,
     max_bytes: u64,
@@ -357,8 +358,23 @@ impl OutageSpool {
                 )
             },
         )?;
-        if repository.put_encoded(key, bytes).await? == PutOutcome::AlreadyExists {
-            let stored = repository.authenticate_object(key).await?;
+        if repository.put_encoded(key, bytes.clone()).await? == PutOutcome::AlreadyExists {
+            let stored = match repository.authenticate_object(key).await {
+                // A torn or planted object under this name must not keep the spool full for
+                // ever: the spooled copy, just authenticated, takes its place.
+                Err(RepositoryError::Envelope(error)) if error.is_damaged_object() => {
+                    tracing::warn!(
+                        key,
+                        "the stored copy failed verification ({error}); replacing it with the spooled copy"
+                    );
+                    if repository.replace_damaged_with(key, bytes.into()).await? {
+                        Some(header.clone())
+                    } else {
+                        repository.authenticate_object(key).await?
+                    }
+                }
+                other => other?,
+            };
             if stored.as_ref().map(|stored| &stored.content) != Some(&header.content) {
                 anyhow::bail!(
                     "{key} is in the repository with other content than its spooled copy in {}; the spooled copy was kept. Another cluster or a diverged timeline may be archiving into this repository: find out which",

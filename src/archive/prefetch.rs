@@ -21,9 +21,9 @@ use futures::future::{BoxFuture, Shared};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::commands::archive_get::{self, GetOutcome};
+use crate::archive::get::{self as archive_get, GetOutcome};
+use crate::archive::outage_spool::OutageSpool;
 use crate::config::Settings;
-use crate::daemon::metrics::Metrics;
 use crate::durable;
 use crate::envelope::DecodeMode;
 use crate::repository::Repository;
@@ -45,43 +45,99 @@ type Fetch = Shared<BoxFuture<'static, Result<GetOutcome, String>>>;
 
 pub struct Prefetcher {
     repository: Arc<Repository>,
-    metrics: Arc<Metrics>,
+    counters: PrefetchCounters,
     spool: PathBuf,
     depth: usize,
     max_bytes: u64,
     fetching: Mutex<HashMap<String, Fetch>>,
     slots: Arc<Semaphore>,
     /// Where a file archived during an outage waits until the repository has it.
-    outage_spool: Option<crate::outage_spool::OutageSpool>,
+    outage_spool: Option<OutageSpool>,
+}
+
+/// What the prefetcher needs to know, and nothing else of the settings.
+pub struct PrefetchSettings {
+    /// The data directory, whose `pg_wal` holds the spool.
+    pub pgdata: PathBuf,
+    /// Segments fetched ahead (`PITR_PREFETCH`).
+    pub depth: usize,
+    /// Cap on the spool's bytes (`PITR_PREFETCH_MAX_MB`).
+    pub max_bytes: u64,
+    /// Parallel transfers allowed (`PITR_ARCHIVE_CONCURRENCY`).
+    pub concurrency: usize,
+    /// Where files archived during an outage wait until the repository has them.
+    pub outage_spool: Option<OutageSpool>,
+}
+
+impl From<&Settings> for PrefetchSettings {
+    fn from(settings: &Settings) -> Self {
+        PrefetchSettings {
+            pgdata: settings.pgdata.clone(),
+            depth: settings.prefetch_segments,
+            max_bytes: settings.prefetch_max_bytes,
+            concurrency: settings.archive_concurrency,
+            outage_spool: OutageSpool::open(settings),
+        }
+    }
+}
+
+/// Hits and misses, counted where the daemon's metrics (or nobody, in a hook) can read them:
+/// the daemon passes clones of its registered counters, which share their values.
+#[derive(Clone, Default)]
+pub struct PrefetchCounters {
+    pub hits: prometheus_client::metrics::counter::Counter,
+    pub misses: prometheus_client::metrics::counter::Counter,
 }
 
 /// Lets `repository` use the identity an earlier hook of this recovery read from it, so a
 /// miss or a starting worker does not spend a round trip on it (see
 /// `Repository::adopt_identity_copy`). True if adopted; any doubt about the copy, a refusal
 /// included, means the store is asked.
-pub fn adopt_remembered_identity(settings: &Settings, repository: &Repository) -> bool {
+pub fn adopt_remembered_identity(pgdata: &Path, repository: &Repository) -> bool {
     repository
-        .adopt_identity_copy(&spool_of(settings).join(IDENTITY_COPY))
+        .adopt_identity_copy(&spool_of(pgdata).join(IDENTITY_COPY))
         .unwrap_or(false)
 }
 
 /// Keeps the identity `repository` has read, for `adopt_remembered_identity`.
-pub fn remember_identity(settings: &Settings, repository: &Repository) {
-    repository.keep_identity_copy(&spool_of(settings).join(IDENTITY_COPY));
+pub fn remember_identity(pgdata: &Path, repository: &Repository) {
+    repository.keep_identity_copy(&spool_of(pgdata).join(IDENTITY_COPY));
 }
 
-fn spool_of(settings: &Settings) -> PathBuf {
-    settings.pgdata.join("pg_wal").join(SPOOL_DIRECTORY)
+fn spool_of(pgdata: &Path) -> PathBuf {
+    pgdata.join("pg_wal").join(SPOOL_DIRECTORY)
 }
 
 /// Removes the spool a recovery without a daemon left behind (up to `PITR_PREFETCH` segments
 /// fetched past the recovery target), once no worker fills it. archive-push calls it: a server
 /// that archives has finished recovery, or is a standby with archive_mode=always, which only
 /// loses its prefetched copies and fetches those segments directly.
-pub fn clear_leftover_spool(settings: &Settings) {
-    let spool = spool_of(settings);
+pub fn clear_leftover_spool(pgdata: &Path) {
+    let spool = spool_of(pgdata);
     if spool.exists() && !worker_holds_lock(&spool) {
         let _ = std::fs::remove_dir_all(&spool);
+    }
+}
+
+/// Starts `pitr prefetch-worker` in the background to fill the spool with the segments after
+/// `segment`, and returns at once. The worker reads its settings from `environment`
+/// (`Settings::child_environment`).
+pub fn start_worker(environment: &[(&'static str, std::ffi::OsString)], segment: SegmentName) {
+    use std::os::unix::process::CommandExt;
+    let Ok(executable) = std::env::current_exe() else {
+        return;
+    };
+    let mut command = std::process::Command::new(executable);
+    command.arg("prefetch-worker").arg(segment.to_string());
+    command.envs(environment.iter().map(|(key, value)| (key, value)));
+    // Its own process group, no terminal: Postgres must not wait for it or signal it.
+    command
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if let Err(error) = command.spawn() {
+        tracing::debug!("cannot start the prefetch worker: {error}");
     }
 }
 
@@ -100,32 +156,29 @@ pub struct PrefetchStatus {
 
 impl Prefetcher {
     pub fn new(
-        settings: &Settings,
+        settings: &PrefetchSettings,
         repository: Arc<Repository>,
-        metrics: Arc<Metrics>,
+        counters: PrefetchCounters,
     ) -> Arc<Self> {
         // A local fetch is CPU work, so at most one per CPU (more only adds memory). A remote fetch mostly
         // waits on the network, so more run at once (each holds only a few decoded chunks).
         let slots = if repository.is_local() {
-            settings
-                .archive_concurrency
-                .min(crate::config::cpu_count())
-                .max(2)
+            settings.concurrency.min(crate::config::cpu_count()).max(2)
         } else {
             settings
-                .archive_concurrency
-                .max(REMOTE_FETCHES.min(settings.prefetch_segments))
+                .concurrency
+                .max(REMOTE_FETCHES.min(settings.depth))
                 .max(2)
         };
         Arc::new(Prefetcher {
             repository,
-            metrics,
-            spool: spool_of(settings),
-            depth: settings.prefetch_segments,
-            max_bytes: settings.prefetch_max_bytes,
+            counters,
+            spool: spool_of(&settings.pgdata),
+            depth: settings.depth,
+            max_bytes: settings.max_bytes,
             fetching: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(slots)),
-            outage_spool: crate::outage_spool::OutageSpool::open(settings),
+            outage_spool: settings.outage_spool.clone(),
         })
     }
 
@@ -153,7 +206,7 @@ impl Prefetcher {
         if self.take_spooled(&name, destination)? {
             return Ok(GetOutcome::Restored);
         }
-        self.metrics.prefetch_misses.inc();
+        self.counters.misses.inc();
         archive_get::fetch_or_spooled(
             self.outage_spool.as_ref(),
             &self.repository,
@@ -169,7 +222,7 @@ impl Prefetcher {
         match std::fs::rename(&spooled, destination) {
             Ok(()) => {
                 durable::sync_parent_directory(destination)?;
-                self.metrics.prefetch_hits.inc();
+                self.counters.hits.inc();
                 Ok(true)
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -360,8 +413,8 @@ impl Prefetcher {
             depth: self.depth,
             spooled,
             fetching: self.fetching.lock().unwrap().len(),
-            hits: self.metrics.prefetch_hits.get(),
-            misses: self.metrics.prefetch_misses.get(),
+            hits: self.counters.hits.get(),
+            misses: self.counters.misses.get(),
         }
     }
 }

@@ -12,6 +12,7 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 # Integration tests fail rather than skip when a server is missing.
 export CI=${CI:-true}
+step "module graph";       scripts/module-graph.sh >/dev/null
 step "cargo fmt --check";  cargo fmt --all -- --check
 step "cargo clippy";       cargo clippy --all-targets -- -D warnings
 step "cargo test";         cargo test --all-targets

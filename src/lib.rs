@@ -1,10 +1,12 @@
 //! pitr: PostgreSQL WAL archiving and point-in-time recovery on object storage.
 //!
-//! Modules follow the data flow: `wal` names and validates what Postgres hands over, `envelope`
-//! turns plaintext into a compressed, encrypted object and back, `keyring` holds the keys,
-//! `repository` stores objects on object_store, `outage_spool` keeps encoded WAL locally while the
-//! store is unreachable, `config` resolves settings, and `commands` are
-//! the entry points the CLI calls. docs/ARCHITECTURE.md walks through them.
+//! Modules follow the data flow and depend only downward: `wal` names and validates what
+//! Postgres hands over, `envelope` turns plaintext into a compressed, encrypted object and back,
+//! `keyring` holds the keys, `config` resolves settings, `repository` stores objects on
+//! object_store; the use-cases `archive` (push, get, prefetch, the outage spool), `backup` and
+//! `restore` sit on the repository; `daemon` composes them; `commands` are the entry points the
+//! CLI calls. `scripts/module-graph.sh` checks the layering; docs/ARCHITECTURE.md walks
+//! through the modules.
 
 pub mod archive;
 pub mod backup;

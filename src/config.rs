@@ -9,16 +9,23 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// The options shared by every command.
-#[derive(Debug, Clone, Default, clap::Args)]
+/// The options shared by every command, declared once: clap reads them from flags and
+/// `PITR_*` variables, serde from the TOML file (the same names, with underscores), and
+/// `Settings::resolve` overlays the first on the second and validates the result. A scalar in
+/// the file (a number, a boolean) is read as its text, so one parser checks each value
+/// whichever way it came.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GlobalOptions {
     /// TOML configuration file; flags and PITR_* variables override its keys.
     #[arg(long, env = "PITR_CONFIG", global = true, value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Repository URL: file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix.
     #[arg(long, env = "PITR_REPO", global = true, value_name = "URL")]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub repo: Option<String>,
     /// Keyring file from `pitr keygen`; without one, objects are compressed but not encrypted.
     #[arg(long, env = "PITR_KEY_FILE", global = true, value_name = "FILE")]
@@ -30,6 +37,7 @@ pub struct GlobalOptions {
         global = true,
         value_name = "LEVEL"
     )]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub compression_level: Option<String>,
     /// zstd worker threads per object; 0 compresses on one thread [default: the CPU count].
     #[arg(
@@ -38,6 +46,7 @@ pub struct GlobalOptions {
         global = true,
         value_name = "N"
     )]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub compression_threads: Option<String>,
     /// PostgreSQL data directory [default: the current directory, where Postgres runs hooks].
     #[arg(long, env = "PITR_PGDATA", global = true, value_name = "DIR")]
@@ -49,6 +58,7 @@ pub struct GlobalOptions {
         global = true,
         value_name = "SECONDS"
     )]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub store_timeout: Option<String>,
     /// Let an s3:// store without other credentials ask the cloud's instance metadata endpoint: on or off [default: on].
     #[arg(
@@ -57,9 +67,11 @@ pub struct GlobalOptions {
         global = true,
         value_name = "ON|OFF"
     )]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub store_instance_metadata: Option<String>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "PITR_LOG_FORMAT", global = true, value_name = "FORMAT")]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub log_format: Option<String>,
     /// Unix socket where the daemon answers the hooks [default: <pgdata>/pitr.sock].
     #[arg(long, env = "PITR_SOCKET", global = true, value_name = "PATH")]
@@ -71,12 +83,15 @@ pub struct GlobalOptions {
         global = true,
         value_name = "N"
     )]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub archive_concurrency: Option<String>,
     /// Segments fetched ahead of recovery [default: 8]; 0 turns prefetch off.
     #[arg(long, env = "PITR_PREFETCH", global = true, value_name = "SEGMENTS")]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub prefetch: Option<String>,
     /// Cap on the bytes held in the prefetch spool, in MiB [default: 1024].
     #[arg(long, env = "PITR_PREFETCH_MAX_MB", global = true, value_name = "MIB")]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub prefetch_max_mb: Option<String>,
     /// Local directory, on another volume than pg_wal, where archive-push keeps encoded WAL while the store is unreachable [default: none: archive-push fails and Postgres keeps the WAL].
     #[arg(long, env = "PITR_OUTAGE_SPOOL", global = true, value_name = "DIR")]
@@ -88,9 +103,11 @@ pub struct GlobalOptions {
         global = true,
         value_name = "MIB"
     )]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub outage_spool_max_mb: Option<String>,
     /// Address of the daemon's HTTP API [default: 127.0.0.1:9851].
     #[arg(long, env = "PITR_HTTP_ADDR", global = true, value_name = "ADDR")]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub http_addr: Option<String>,
     /// Bearer token required by the HTTP endpoints that change state; unset disables them.
     #[arg(
@@ -100,6 +117,7 @@ pub struct GlobalOptions {
         value_name = "TOKEN",
         hide_env_values = true
     )]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub http_token: Option<String>,
     /// /readyz fails when the oldest unarchived segment is older than this many seconds [default: 300].
     #[arg(
@@ -108,6 +126,7 @@ pub struct GlobalOptions {
         global = true,
         value_name = "SECONDS"
     )]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub max_archive_lag: Option<String>,
     /// Postgres connection URL for the daemon's checks [default: the libpq PG* variables].
     #[arg(
@@ -117,34 +136,12 @@ pub struct GlobalOptions {
         value_name = "URL",
         hide_env_values = true
     )]
+    #[serde(deserialize_with = "scalar_as_text")]
     pub pg_url: Option<String>,
-}
-
-/// The TOML file's keys; the same names as the flags, with underscores.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSettings {
-    repo: Option<String>,
-    key_file: Option<PathBuf>,
-    compression_level: Option<i64>,
-    compression_threads: Option<i64>,
-    pgdata: Option<PathBuf>,
-    store_timeout: Option<i64>,
-    store_instance_metadata: Option<bool>,
-    log_format: Option<String>,
-    socket: Option<PathBuf>,
-    archive_concurrency: Option<i64>,
-    prefetch: Option<i64>,
-    prefetch_max_mb: Option<i64>,
-    outage_spool: Option<PathBuf>,
-    outage_spool_max_mb: Option<i64>,
-    http_addr: Option<String>,
-    http_token: Option<String>,
-    max_archive_lag: Option<i64>,
-    pg_url: Option<String>,
-    /// Extra object_store options, e.g. `aws_endpoint = "http://127.0.0.1:9000"`.
-    #[serde(default)]
-    store: BTreeMap<String, String>,
+    /// Extra object_store options, e.g. `aws_endpoint = "http://127.0.0.1:9000"`; only in the
+    /// file's `[store]` table.
+    #[arg(skip)]
+    pub store: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,12 +191,12 @@ impl Settings {
     pub fn resolve(options: &GlobalOptions) -> Result<Self, ConfigError> {
         let file = match &options.config {
             Some(path) => read_file(path)?,
-            None => FileSettings::default(),
+            None => GlobalOptions::default(),
         };
+        let options = &options.overlaid_on(file);
         let compression_level = pick_number(
             "compression level (PITR_COMPRESSION_LEVEL)",
             options.compression_level.as_deref(),
-            file.compression_level,
             1,
             1..=19,
             "choose 1 (fastest) to 19 (smallest)",
@@ -208,7 +205,6 @@ impl Settings {
         let compression_threads = pick_number(
             "compression threads (PITR_COMPRESSION_THREADS)",
             options.compression_threads.as_deref(),
-            file.compression_threads,
             default_threads,
             0..=256,
             "choose 0 (one thread) to 256",
@@ -216,12 +212,11 @@ impl Settings {
         let store_timeout = pick_number(
             "store timeout (PITR_STORE_TIMEOUT)",
             options.store_timeout.as_deref(),
-            file.store_timeout,
             60,
             1..=86_400,
             "give whole seconds from 1 to 86400",
         )?;
-        let log_format = match options.log_format.clone().or(file.log_format).as_deref() {
+        let log_format = match options.log_format.clone().as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(other) => {
@@ -231,7 +226,7 @@ impl Settings {
             }
         };
         let store_instance_metadata = match options.store_instance_metadata.as_deref() {
-            None => file.store_instance_metadata.unwrap_or(true),
+            None => true,
             Some("on" | "true") => true,
             Some("off" | "false") => false,
             Some(other) => {
@@ -245,7 +240,6 @@ impl Settings {
         let archive_concurrency = pick_number(
             "archive concurrency (PITR_ARCHIVE_CONCURRENCY)",
             options.archive_concurrency.as_deref(),
-            file.archive_concurrency,
             default_threads,
             1..=256,
             "choose 1 to 256 parallel uploads",
@@ -253,7 +247,6 @@ impl Settings {
         let prefetch = pick_number(
             "prefetch (PITR_PREFETCH)",
             options.prefetch.as_deref(),
-            file.prefetch,
             8,
             0..=1024,
             "choose 0 (off) to 1024 segments",
@@ -261,7 +254,6 @@ impl Settings {
         let prefetch_max_mb = pick_number(
             "prefetch cap (PITR_PREFETCH_MAX_MB)",
             options.prefetch_max_mb.as_deref(),
-            file.prefetch_max_mb,
             1024,
             16..=1_048_576,
             "give MiB from 16 upwards",
@@ -269,12 +261,11 @@ impl Settings {
         let outage_spool_max_mb = pick_number(
             "outage spool cap (PITR_OUTAGE_SPOOL_MAX_MB)",
             options.outage_spool_max_mb.as_deref(),
-            file.outage_spool_max_mb,
             4096,
             64..=16_777_216,
             "give MiB from 64 upwards",
         )?;
-        let outage_spool = options.outage_spool.clone().or(file.outage_spool);
+        let outage_spool = options.outage_spool.clone();
         if let Some(spool) = &outage_spool
             && !spool.is_absolute()
         {
@@ -286,7 +277,6 @@ impl Settings {
         let max_archive_lag = pick_number(
             "maximum archive lag (PITR_MAX_ARCHIVE_LAG)",
             options.max_archive_lag.as_deref(),
-            file.max_archive_lag,
             300,
             1..=604_800,
             "give whole seconds",
@@ -294,23 +284,17 @@ impl Settings {
         let http_text = options
             .http_addr
             .clone()
-            .or(file.http_addr)
             .unwrap_or_else(|| "127.0.0.1:9851".to_string());
         let http_addr = http_text.parse().map_err(|_| {
             ConfigError::BadValue(format!(
                 "HTTP address (PITR_HTTP_ADDR) '{http_text}' is not valid: give an IP and port such as 127.0.0.1:9851"
             ))
         })?;
-        let pgdata = options
-            .pgdata
-            .clone()
-            .or(file.pgdata)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let pgdata = options.pgdata.clone().unwrap_or_else(|| PathBuf::from("."));
         Ok(Settings {
             socket: options
                 .socket
                 .clone()
-                .or(file.socket)
                 .unwrap_or_else(|| pgdata.join("pitr.sock")),
             archive_concurrency: archive_concurrency as usize,
             prefetch_segments: prefetch as usize,
@@ -318,24 +302,20 @@ impl Settings {
             outage_spool,
             outage_spool_max_bytes: (outage_spool_max_mb as u64) << 20,
             http_addr,
-            http_token: options
-                .http_token
-                .clone()
-                .or(file.http_token)
-                .filter(|token| !token.is_empty()),
+            http_token: options.http_token.clone().filter(|token| !token.is_empty()),
             max_archive_lag: Duration::from_secs(max_archive_lag as u64),
-            pg_url: options.pg_url.clone().or(file.pg_url),
+            pg_url: options.pg_url.clone(),
             config_file: options
                 .config
                 .as_ref()
                 .map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone())),
-            repo: options.repo.clone().or(file.repo),
-            key_file: options.key_file.clone().or(file.key_file),
+            repo: options.repo.clone(),
+            key_file: options.key_file.clone(),
             compression_level: compression_level as i32,
             compression_threads: compression_threads as u32,
             pgdata,
             store_timeout: Duration::from_secs(store_timeout as u64),
-            store_options: file.store,
+            store_options: options.store.clone(),
             store_instance_metadata,
             log_format,
         })
@@ -380,7 +360,49 @@ impl Settings {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
+impl GlobalOptions {
+    /// These options (flags and environment) over `file`'s: a field given here wins, one left
+    /// unset takes the file's. The `[store]` table comes from the file alone. No field is
+    /// named, so a new option needs no line here.
+    fn overlaid_on(&self, file: GlobalOptions) -> GlobalOptions {
+        let mut merged = serde_json::to_value(&file).expect("options always serialize");
+        let given = serde_json::to_value(self).expect("options always serialize");
+        for (key, value) in given.as_object().expect("options are a struct") {
+            if !value.is_null() && key != "store" {
+                merged[key] = value.clone();
+            }
+        }
+        let mut merged: GlobalOptions =
+            serde_json::from_value(merged).expect("serialized options deserialize");
+        merged.config = self.config.clone();
+        merged
+    }
+}
+
+/// A TOML scalar as its text: `compression_level = 5` and `PITR_COMPRESSION_LEVEL=5` reach the
+/// same parser, and so give the same message when out of range.
+fn scalar_as_text<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+        Boolean(bool),
+    }
+    Ok(
+        Option::<Scalar>::deserialize(deserializer)?.map(|scalar| match scalar {
+            Scalar::Text(text) => text,
+            Scalar::Integer(number) => number.to_string(),
+            Scalar::Float(number) => number.to_string(),
+            Scalar::Boolean(flag) => flag.to_string(),
+        }),
+    )
+}
+
+fn read_file(path: &Path) -> Result<GlobalOptions, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| {
         ConfigError::BadValue(format!(
             "cannot read the configuration file {}: {error}",
@@ -399,7 +421,6 @@ fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
 fn pick_number(
     what: &str,
     given: Option<&str>,
-    from_file: Option<i64>,
     default: i64,
     allowed: std::ops::RangeInclusive<i64>,
     advice: &str,
@@ -408,7 +429,7 @@ fn pick_number(
         Some(text) => text.trim().parse::<i64>().map_err(|_| {
             ConfigError::BadValue(format!("{what} '{text}' is not a number: {advice}"))
         })?,
-        None => from_file.unwrap_or(default),
+        None => default,
     };
     if !allowed.contains(&value) {
         return Err(ConfigError::BadValue(format!(
@@ -465,5 +486,35 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("unknown field `colour`"), "{error}");
+    }
+
+    #[test]
+    fn a_value_from_the_file_is_checked_exactly_as_one_from_a_flag() {
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("pitr.toml");
+        std::fs::write(
+            &file,
+            "compression_level = 30\nstore_instance_metadata = false\n",
+        )
+        .unwrap();
+        let from_file = GlobalOptions {
+            config: Some(file),
+            ..GlobalOptions::default()
+        };
+        let from_flag = GlobalOptions {
+            compression_level: Some("30".into()),
+            ..GlobalOptions::default()
+        };
+        assert_eq!(
+            Settings::resolve(&from_file).unwrap_err().to_string(),
+            Settings::resolve(&from_flag).unwrap_err().to_string()
+        );
+        let settings = Settings::resolve(&GlobalOptions {
+            compression_level: Some("2".into()),
+            ..from_file
+        })
+        .unwrap();
+        assert_eq!(settings.compression_level, 2);
+        assert!(!settings.store_instance_metadata);
     }
 }

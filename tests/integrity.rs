@@ -163,7 +163,11 @@ impl Fixture {
 
 /// The one error line pitr prints last: a long restore logs its progress before it.
 fn error_line(output: &Output) -> String {
-    stderr_of(output).lines().last().unwrap_or_default().to_string()
+    stderr_of(output)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// The four forgeries of an object whose genuine copy is at `key`, each as the bytes to plant

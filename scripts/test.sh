@@ -13,6 +13,6 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 # Integration tests fail rather than skip when a server is missing.
 export CI=${CI:-true}
 step "cargo fmt --check";  cargo fmt --all -- --check
-step "cargo clippy";       cargo clippy --all-targets -- -D warnings
-step "cargo test";         cargo test --all-targets
+step "cargo clippy";       cargo clippy --workspace --all-targets -- -D warnings
+step "cargo test";         cargo test --workspace --all-targets
 step "all tests passed"

@@ -42,7 +42,7 @@ pub async fn run(settings: &Settings, path: &Path, force: bool) -> Result<PushOu
     if !force {
         require_ready(&file)?;
     }
-    if let Some(outcome) = crate::daemon::client::push(settings, &file.path).await? {
+    if let Some(outcome) = crate::daemon::client::push(settings, &file.path, force).await? {
         return Ok(outcome);
     }
     let repository = Repository::open(settings)?;
@@ -129,7 +129,7 @@ pub fn validate(settings: &Settings, path: &Path) -> Result<WalFile> {
 /// finished file fail for ever with "different content". A file outside a pg_wal directory
 /// (no `archive_status` beside it) carries no such mark, so it is refused as well: only
 /// `--force` (recovery work by hand) archives either.
-fn require_ready(file: &WalFile) -> Result<()> {
+pub fn require_ready(file: &WalFile) -> Result<()> {
     let directory = file.path.parent().unwrap_or(Path::new("/"));
     let status = directory.join("archive_status");
     if !status.is_dir() {

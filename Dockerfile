@@ -17,14 +17,18 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-RUN cargo build --release --locked --bin pitr \
-    && install -D -m 0755 target/release/pitr /out/pitr
+# The workspace members: the hook protocol and the small hooks (pitr-archive-push, pitr-archive-get).
+COPY crates ./crates
+COPY archive-command ./archive-command
+COPY restore-command ./restore-command
+RUN cargo build --release --locked --bin pitr --bin pitr-archive-push --bin pitr-archive-get \
+    && install -D -m 0755 -t /out target/release/pitr target/release/pitr-archive-push target/release/pitr-archive-get
 
 FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/pitr /usr/local/bin/pitr
+COPY --from=build /out/pitr /out/pitr-archive-push /out/pitr-archive-get /usr/local/bin/
 # The official postgres image runs PostgreSQL as uid/gid 999. Running pitr as the same ids keeps
 # the files it creates (keyrings, file:// repositories) usable by the archive hooks.
 USER 999:999

@@ -22,8 +22,9 @@
 #            walrus-c2   WAL-RUS's daemon, WALG_DOWNLOAD_CONCURRENCY=2 (its in-process prefetch)
 #          timed from daemon start / first hook to the last hook; run 1 is checked with cmp
 #   lat    archive-push of an already-archived segment, LAT_CALLS calls (+1 warm-up dropped):
-#          pitr through the daemon, pitr without daemon (direct), pgBackRest async; and the
-#          process-start floors /bin/true, `pitr --version`, `pgbackrest version`
+#          the small hook `pitr-archive-push` and `pitr archive-push` through the daemon
+#          (alternating, LAT_ROUNDS rounds each), pitr without daemon (direct), pgBackRest async;
+#          and the process-start floors /bin/true, `pitr --version`, `pgbackrest version`
 #   rss    VmHWM of the daemon process at the end of each push / get run, and the peaks of
 #          RssAnon / RssFile sampled every 50 ms (RssFile: page cache the daemon has mmapped)
 #   limits (per corpus, one measurement in every round, beside the tools' runs of that round)
@@ -55,6 +56,12 @@
 #   DAEMON_ENV=                 extra VAR=value words for the daemon's environment only, for
 #                               what-if runs, e.g. MALLOC_ARENA_MAX=2 or LD_PRELOAD=<shim>.so
 #   SUMMARY_ONLY=1              only print the summary of the results already in OUTDIR
+#   SMALL_PUSH_BIN=target/release/pitr-archive-push   the small hook, installed beside pitr
+#   LAT_ONLY=1                  the short form: per corpus and repository one pitr push run (the
+#                               daemon kept up), then the hook-latency phase and the floors; no
+#                               get phase, no limits. pgBackRest rows are skipped when it is not
+#                               installed (always allowed with LAT_ONLY=1)
+#   LAT_ROUNDS=1                the daemon rows alternate small hook / pitr this many times
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -67,6 +74,9 @@ PITR_BIN=${PITR_BIN:-$ROOT/target/release/pitr}
 WALRUS_BIN=${WALRUS_BIN:-}
 RUNS=${RUNS:-3}
 LAT_CALLS=${LAT_CALLS:-50}
+LAT_ROUNDS=${LAT_ROUNDS:-1}
+LAT_ONLY=${LAT_ONLY:-0}
+SMALL_PUSH_BIN=${SMALL_PUSH_BIN:-$ROOT/target/release/pitr-archive-push}
 CONC=${CONC:-2}
 CONC_HI=${CONC_HI:-8}
 PREFETCH=${PREFETCH:-16}
@@ -122,8 +132,15 @@ cpu_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
 HZ=$(getconf CLK_TCK)
 
 [ "$(id -u)" = 0 ] || die "run as root (hooks and daemon run as postgres through runuser)"
-for c in pgbackrest zstd curl openssl; do command -v $c >/dev/null || die "$c is not installed"; done
+for c in zstd curl openssl; do command -v $c >/dev/null || die "$c is not installed"; done
+HAVE_PGBR=1
+if ! command -v pgbackrest >/dev/null; then
+  [ "$LAT_ONLY" = 1 ] || die "pgbackrest is not installed (LAT_ONLY=1 runs without it)"
+  HAVE_PGBR=0
+fi
+pgbr_version() { if [ "$HAVE_PGBR" = 1 ]; then pgbackrest version; else echo "pgBackRest not installed (its rows skipped)"; fi; }
 [ -x "$PITR_BIN" ] || die "no pitr binary at $PITR_BIN (set PITR_BIN)"
+[ -x "$SMALL_PUSH_BIN" ] || die "no small hook at $SMALL_PUSH_BIN (cargo build --release --workspace, or set SMALL_PUSH_BIN)"
 [ -z "$WALRUS_BIN" ] || [ -x "$WALRUS_BIN" ] || die "no walrus binary at $WALRUS_BIN (unset WALRUS_BIN to skip WAL-RUS)"
 case " $REPOS " in *" s3 "*)
   command -v s3s-fs >/dev/null || die "s3s-fs is not installed (cargo install s3s-fs --features binary)"
@@ -135,6 +152,7 @@ PITR=$WORK/bin/pitr
 if [ "${SUMMARY_ONLY:-0}" != 1 ]; then
 rm -rf "$WORK"; mkdir -p "$WORK/bin" "$RUN" "$OUTDIR"
 install -m 755 "$PITR_BIN" "$WORK/bin/pitr"     # rebuilds during the run don't change what is measured
+install -m 755 "$SMALL_PUSH_BIN" "$WORK/bin/pitr-archive-push"   # beside pitr, which it hands over to
 [ -z "$WALRUS_BIN" ] || install -m 755 "$WALRUS_BIN" "$WORK/bin/walrus"
 chown postgres: "$WORK" "$RUN"
 : >"$RES"; : >"$DRES"; : >"$LRES"; : >"$OUTDIR/bench.log"; : >"$OUTDIR/sizes.txt"
@@ -544,19 +562,29 @@ latency() {   # KIND: the stage and pitr-c$CONC repository of the last push run,
   local kind=$1 p="pg_wal/$MID_SEG" before after
   log "[$TAG/$kind] hook latency: $LAT_CALLS calls each (+1 warm-up) on $MID_SEG"
   hook_durable() { curl -fsS "http://$HTTP_ADDR/metrics" | awk '/^pitr_hook_requests_total\{result="durable"\}/{v=$NF} END{print v+0}'; }
-  before=$(hook_durable)
-  # the daemon is ours and running: only the BUSY_PROCS check applies before this phase
-  WAIT_LOAD=0 lat "$TAG-$kind-lat-pitr-daemon" "$STAGE" "$PITR" --config "$WORK/pitr-push-c$CONC.toml" archive-push "$p"
-  after=$(hook_durable)
-  echo "$TAG $kind lat-pitr-daemon durable_answers $((after - before)) of $((LAT_CALLS + 1))" >>"$OUTDIR/sizes.txt"
+  # the daemon is ours and running: only the BUSY_PROCS check applies before this phase. The
+  # small hook and pitr alternate, so drift on a shared machine affects both alike.
+  local round
+  for round in $(seq 1 "$LAT_ROUNDS"); do
+    before=$(hook_durable)
+    WAIT_LOAD=0 lat "$TAG-$kind-lat-small-daemon" "$STAGE" "$WORK/bin/pitr-archive-push" --config "$WORK/pitr-push-c$CONC.toml" "$p"
+    after=$(hook_durable)
+    echo "$TAG $kind lat-small-daemon round $round durable_answers $((after - before)) of $((LAT_CALLS + 1))" >>"$OUTDIR/sizes.txt"
+    before=$(hook_durable)
+    WAIT_LOAD=0 lat "$TAG-$kind-lat-pitr-daemon" "$STAGE" "$PITR" --config "$WORK/pitr-push-c$CONC.toml" archive-push "$p"
+    after=$(hook_durable)
+    echo "$TAG $kind lat-pitr-daemon round $round durable_answers $((after - before)) of $((LAT_CALLS + 1))" >>"$OUTDIR/sizes.txt"
+  done
   stop_daemon
   # without a daemon the hook pushes by itself (create-only PUT, then reads the stored object back
   # and compares); on s3s-fs the refused PUT can fail with a broken pipe (see README), so failures
   # are counted here instead of stopping the bench
   LAT_TOLERANT=1 lat "$TAG-$kind-lat-pitr-direct" "$STAGE" "$PITR" --config "$WORK/pitr-push-c$CONC.toml" archive-push "$p"
-  # shellcheck disable=SC2046
-  lat "$TAG-$kind-lat-pgbr-async" "$STAGE" $(PGBR) archive-push "$p"
-  pgbr_wait_idle
+  if [ "$HAVE_PGBR" = 1 ] && [ "$LAT_ONLY" != 1 ]; then   # its repository comes from the push runs
+    # shellcheck disable=SC2046
+    lat "$TAG-$kind-lat-pgbr-async" "$STAGE" $(PGBR) archive-push "$p"
+    pgbr_wait_idle
+  fi
   if [ -n "$WALRUS_BIN" ]; then   # its repository of the last walrus push run holds the segment
     start_walrus "$kind" "$STAGE" "$OUTDIR/daemon-$TAG-$kind-lat-walrus.log"
     WAIT_LOAD=0 lat "$TAG-$kind-lat-walrus-daemon" "$STAGE" "$WORK/bin/walrus" daemon-client --socket "$WALRUS_SOCK" wal-push "$p"
@@ -566,7 +594,7 @@ latency() {   # KIND: the stage and pitr-c$CONC repository of the last push run,
 floors() {
   lat floor-true "$STAGE" /bin/true
   lat floor-pitr-version "$STAGE" "$PITR" --version
-  lat floor-pgbackrest-version "$STAGE" pgbackrest version
+  [ "$HAVE_PGBR" = 0 ] || lat floor-pgbackrest-version "$STAGE" pgbackrest version
   [ -z "$WALRUS_BIN" ] || lat floor-walrus-version "$STAGE" "$WORK/bin/walrus" --version
 }
 
@@ -574,7 +602,7 @@ floors() {
 if [ "${SUMMARY_ONLY:-0}" = 1 ]; then
   DONE_CORPORA=$(awk '$2 == "corpus" {print $1}' "$OUTDIR/sizes.txt" | tr '\n' ' ')
 else
-log "pitr $("$PITR" --version | cut -d' ' -f2) ($(sha256sum "$PITR" | cut -c1-12)), $(pgbackrest version); corpora: $CORPORA; repos: $REPOS"
+log "pitr $("$PITR" --version | cut -d' ' -f2) ($(sha256sum "$PITR" | cut -c1-12)), $(pgbr_version); corpora: $CORPORA; repos: $REPOS"
 FIRST=1 DONE_CORPORA=
 for spec in $CORPORA; do
   tag=${spec%%:*} bl=${spec#*:}
@@ -586,9 +614,16 @@ for spec in $CORPORA; do
   echo "$TAG corpus $CORPUS nseg $NSEG bytes $SEGBYTES" >>"$OUTDIR/sizes.txt"
   log "[$TAG] corpus $CORPUS: $NSEG segments, $SEGBYTES bytes"
   (cd "$CORPUS" && xargs cat <"$SEGS" >/dev/null)   # hot page cache, for every tool alike
-  limits_prepare
+  [ "$LAT_ONLY" = 1 ] || limits_prepare
   for kind in $REPOS; do
     write_configs "$kind"
+    if [ "$LAT_ONLY" = 1 ]; then   # the short form: one push run keeps the daemon up for the latency phase
+      log "[$TAG/$kind] LAT_ONLY: one pitr push run (daemon c$CONC), then the hook latency"
+      push_pitr "$kind" "$CONC" 1 keep
+      latency "$kind"
+      if [ "$FIRST" = 1 ]; then floors; FIRST=0; fi
+      continue
+    fi
     log "[$TAG/$kind] push: $RUNS runs (pgBackRest async p2, pitr daemon c$CONC, c$CONC_HI), interleaved"
     for r in $(seq 1 "$RUNS"); do
       push_pgbr "$kind" "$r"
@@ -617,7 +652,7 @@ for spec in $CORPORA; do
     done
     rm -rf "$GETDIR"
   done
-  rm -f "$LIMIT_CAT" "$LIMIT_CAT.zst"
+  rm -f "${LIMIT_CAT:-}" "${LIMIT_CAT:-}.zst"
 done
 [ -n "$DONE_CORPORA" ] || die "no corpus found in CORPORA=$CORPORA"
 fi
@@ -635,11 +670,12 @@ maxcol() { awk -F'\t' -v l="$1" -v c="$2" '$1==l && $c+0>m{m=$c+0} END{print m+0
 div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; exit} printf "%.2f", a/b}'; }
 {
   echo "pitr daemon bench  $(date -u '+%Y-%m-%d %H:%M:%SZ')  host $(hostname) ($(nproc) CPUs)"
-  echo "$("$PITR" --version) (sha256 $(sha256sum "$PITR" | cut -c1-12)); $(pgbackrest version); runs=$RUNS (medians)"
+  echo "$("$PITR" --version) (sha256 $(sha256sum "$PITR" | cut -c1-12)); $(pgbr_version); runs=$RUNS (medians)"
   echo "pgBackRest: archive-async=y process-max=2 zst-1 aes-256-cbc spool-path.  pitr daemon: archive_concurrency=c, compression_level=1,"
   echo "compression_threads=0, keyring (AES-256-GCM), prefetch=$PREFETCH.  S3 (if run): s3s-fs on loopback, +${DELAY_MS} ms each way (20 ms RTT at ${DELAY_MS})."
   ! grep -q -- '-walrus-' "$RES" || echo "WAL-RUS $("$WORK/bin/walrus" --version 2>/dev/null | head -1): daemon, WALG_UPLOAD/DOWNLOAD_CONCURRENCY=$CONC, zstd level 1, libsodium, WALG_PREVENT_WAL_OVERWRITE=true."
   [ -n "${DAEMON_ENV:-}" ] && echo "NOTE: the daemon ran with DAEMON_ENV=$DAEMON_ENV (a what-if run, not the default setup)"
+  [ "$LAT_ONLY" = 1 ] && echo "LAT_ONLY=1: the short form (one push run per repository, hook latency and floors only; LAT_CALLS=$LAT_CALLS, LAT_ROUNDS=$LAT_ROUNDS)"
   [ "$WAITED_S" -gt 0 ] && echo "note: waited $WAITED_S s in total for the machine to be idle before timed phases"
   [ "$BUSY_SEEN" = 1 ] && echo "WARNING: another workload ($BUSY_PROCS) ran during some measurements (see the log, busy column of results.tsv); figures are pessimistic"
   for TAG in $DONE_CORPORA; do
@@ -679,7 +715,7 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN{if(b+0==0||a=="NA"||b=="NA"){print "-"; e
     echo
     printf '%-34s %8s %8s %8s %7s\n' "hook latency, archived segment" p50_ms p99_ms max_ms failed
     for kind in $REPOS; do
-      for l in "$TAG-$kind-lat-pitr-daemon" "$TAG-$kind-lat-pitr-direct" "$TAG-$kind-lat-pgbr-async" "$TAG-$kind-lat-walrus-daemon"; do
+      for l in "$TAG-$kind-lat-small-daemon" "$TAG-$kind-lat-pitr-daemon" "$TAG-$kind-lat-pitr-direct" "$TAG-$kind-lat-pgbr-async" "$TAG-$kind-lat-walrus-daemon"; do
         grep -q "^$l"$'\t' "$LRES" || continue
         printf '%-34s %8s %8s %8s %7s\n' "$l" "$(pct "$l" 50)" "$(pct "$l" 99)" "$(pct "$l" 100)" \
           "$(awk -F'\t' -v l="$l" '$1==l && $4!="" && $4+0!=0{n++} END{print n+0}' "$LRES")"

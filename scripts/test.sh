@@ -14,6 +14,6 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 export CI=${CI:-true}
 step "module graph";       scripts/module-graph.sh >/dev/null
 step "cargo fmt --check";  cargo fmt --all -- --check
-step "cargo clippy";       cargo clippy --all-targets -- -D warnings
-step "cargo test";         cargo test --all-targets
+step "cargo clippy";       cargo clippy --workspace --all-targets -- -D warnings
+step "cargo test";         cargo test --workspace --all-targets
 step "all tests passed"

@@ -20,7 +20,7 @@ pub async fn run(settings: &Settings, path: &Path, force: bool) -> Result<PushOu
     if !force {
         require_ready(&file)?;
     }
-    if let Some(outcome) = crate::daemon::client::push(settings, &file.path).await? {
+    if let Some(outcome) = crate::daemon::client::push(settings, &file.path, force).await? {
         return Ok(outcome);
     }
     let repository = Repository::open(settings)?;

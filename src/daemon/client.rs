@@ -1,14 +1,13 @@
-//! The hooks' side of the daemon socket.
+//! The full hooks' side of the daemon socket (the wire format is `pitr_hook_protocol`'s).
 //!
-//! One request per connection, one line each way: `push <path>` or `get <walfile> <dest>`, and
-//! the answer `ok stored`, `ok already`, `ok spooled`, `ok restored`, `missing` or `err <message>`. If no
-//! daemon answers (no socket, refused, or it dies mid-request) the hook returns `None` and does
-//! the work itself, so the daemon only ever makes the hooks faster, never less safe.
+//! One request per connection, one line each way. If no daemon answers (no socket, refused, it
+//! dies mid-request, or it answers `unavailable`) the hook returns `None` and does the work
+//! itself, so the daemon only ever makes the hooks faster, never less safe.
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Result, bail};
+use pitr_hook_protocol::{CONNECT_TIMEOUT, REPLY_MARGIN, REQUEST_LIMIT, Reply, Request};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -17,17 +16,22 @@ use crate::archive::push::PushOutcome;
 use crate::config::Settings;
 use crate::wal::WalFileName;
 
-/// Asks the daemon to make `path` durable. `None`: no daemon answered, push directly.
-pub async fn push(settings: &Settings, path: &Path) -> Result<Option<PushOutcome>> {
-    let path = std::path::absolute(path)?;
-    let Some(answer) = ask(settings, &format!("push {}", path.display())).await else {
-        return Ok(None);
+/// Asks the daemon to make `path` durable, after the same checks (the `.ready` one unless
+/// `force`). `None`: no daemon answered, push directly.
+pub async fn push(settings: &Settings, path: &Path, force: bool) -> Result<Option<PushOutcome>> {
+    let request = Request::Push {
+        path: std::path::absolute(path)?,
+        data_directory: Some(std::path::absolute(&settings.pgdata)?),
+        force,
     };
-    match answer.as_str() {
-        "ok stored" => Ok(Some(PushOutcome::Stored)),
-        "ok already" => Ok(Some(PushOutcome::AlreadyArchived)),
-        "ok spooled" => Ok(Some(PushOutcome::Spooled)),
-        other => bail!("{}", other.strip_prefix("err ").unwrap_or(other)),
+    match ask(settings, &request).await {
+        None | Some(Ok(Reply::Unavailable(_))) => Ok(None),
+        Some(Ok(Reply::Stored)) => Ok(Some(PushOutcome::Stored)),
+        Some(Ok(Reply::AlreadyArchived)) => Ok(Some(PushOutcome::AlreadyArchived)),
+        Some(Ok(Reply::Spooled)) => Ok(Some(PushOutcome::Spooled)),
+        Some(Ok(Reply::Failed(message))) => bail!("{message}"),
+        Some(Ok(other)) => bail!("{}", other.encode()),
+        Some(Err(line)) => bail!("{line}"),
     }
 }
 
@@ -37,36 +41,44 @@ pub async fn get(
     name: &WalFileName,
     destination: &Path,
 ) -> Result<Option<GetOutcome>> {
-    let Some(answer) = ask(settings, &format!("get {name} {}", destination.display())).await else {
-        return Ok(None);
+    let request = Request::Get {
+        wal_file: name.to_string(),
+        destination: destination.to_path_buf(),
     };
-    match answer.as_str() {
-        "ok restored" => Ok(Some(GetOutcome::Restored)),
-        "missing" => Ok(Some(GetOutcome::NotFound)),
-        other => bail!("{}", other.strip_prefix("err ").unwrap_or(other)),
+    match ask(settings, &request).await {
+        None | Some(Ok(Reply::Unavailable(_))) => Ok(None),
+        Some(Ok(Reply::Restored)) => Ok(Some(GetOutcome::Restored)),
+        Some(Ok(Reply::Missing)) => Ok(Some(GetOutcome::NotFound)),
+        Some(Ok(Reply::Failed(message))) => bail!("{message}"),
+        Some(Ok(other)) => bail!("{}", other.encode()),
+        Some(Err(line)) => bail!("{line}"),
     }
 }
 
-async fn ask(settings: &Settings, request: &str) -> Option<String> {
-    if !settings.socket.exists() {
+/// The reply, or the line that was no reply; `None` if no daemon answered.
+async fn ask(settings: &Settings, request: &Request) -> Option<Result<Reply, String>> {
+    let mut line = request.encode();
+    // A path of many escaped bytes can exceed what the daemon reads: do the work here instead.
+    if line.len() > REQUEST_LIMIT || !settings.socket.exists() {
         return None;
     }
+    line.push('\n');
     let connect = UnixStream::connect(&settings.socket);
-    let mut stream = tokio::time::timeout(Duration::from_millis(500), connect)
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .ok()?
         .ok()?;
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .await
-        .ok()?;
+    stream.write_all(line.as_bytes()).await.ok()?;
     let mut answer = String::new();
     // The daemon bounds its own work by the store timeout; allow it that, plus a margin.
-    let wait = settings.store_timeout + Duration::from_secs(5);
+    let wait = settings.store_timeout + REPLY_MARGIN;
     let mut reader = BufReader::new(&mut stream);
     let read = reader.read_line(&mut answer);
     match tokio::time::timeout(wait, read).await {
-        Ok(Ok(count)) if count > 0 => Some(answer.trim_end().to_string()),
+        Ok(Ok(count)) if count > 0 => {
+            let answer = answer.trim_end();
+            Some(Reply::parse(answer).map_err(|_| answer.to_string()))
+        }
         _ => None,
     }
 }

@@ -1,6 +1,11 @@
 //! The daemon's side of the hook socket: accepts only the daemon's own user (checked before
 //! anything is read), reads one request line of bounded length within a deadline, answers one
-//! line. See `client` for the protocol.
+//! line. The wire format is `pitr_hook_protocol`'s, shared with both kinds of hooks.
+//!
+//! A push is checked here exactly as `pitr archive-push` checks it before it asks (name, regular
+//! file, header, history parse, cluster against the hook's data directory, `.ready` unless
+//! forced), so a hook that sends a path unchecked (the small `pitr-archive-push`) can never get
+//! an `ok` that `pitr archive-push` would have refused.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -11,8 +16,10 @@ use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::archive::get::GetOutcome;
-use crate::archive::push::PushOutcome;
+use pitr_hook_protocol::{PROTOCOL, ParseError, REQUEST_LIMIT, REQUEST_TIMEOUT, Reply, Request};
+
+use crate::archive::get::{self as archive_get, GetOutcome};
+use crate::archive::push::{self as archive_push, PushOutcome};
 use crate::daemon::Daemon;
 use crate::daemon::metrics::HookLabels;
 
@@ -58,24 +65,27 @@ async fn answer(mut stream: UnixStream, own_uid: u32, daemon: &Daemon) -> Result
         Ok(request) => request,
         Err(problem) => return refuse(stream, &format!("err {problem}; {PROTOCOL}\n")).await,
     };
-    let reply = match request.trim_end().split_once(' ') {
-        Some(("push", path)) => push(daemon, Path::new(path)).await,
-        Some(("get", arguments)) => get(daemon, arguments).await,
-        _ => "err unknown request".to_string(),
+    let reply = match Request::parse(request.trim_end()) {
+        Ok(Request::Push {
+            path,
+            data_directory,
+            force,
+        }) => push(daemon, &path, data_directory.as_deref(), force).await,
+        Ok(Request::Get {
+            wal_file,
+            destination,
+        }) => get(daemon, &wal_file, &destination).await,
+        // A request word from a newer hook: it does the work itself, as with no daemon.
+        Err(ParseError::UnknownRequest(word)) => {
+            Reply::Unavailable(format!("this daemon does not know the request '{word}'"))
+        }
+        Err(problem) => Reply::Failed(format!("{problem}; {PROTOCOL}")),
     };
     stream
-        .write_all(format!("{}\n", reply.replace('\n', " ")).as_bytes())
+        .write_all(format!("{}\n", reply.encode()).as_bytes())
         .await?;
     Ok(())
 }
-
-/// What a request may be: one short line. A path is at most PATH_MAX (4096) bytes, so twice
-/// that holds any real request with room to spare.
-pub const REQUEST_LIMIT: usize = 8192;
-/// How long a client has to send its whole request line.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const PROTOCOL: &str =
-    "a hook sends one line: push <absolute path> or get <WAL file name> <absolute destination>";
 
 /// Why a request line was not accepted; the client gets it as `err <reason>; <PROTOCOL>`.
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +144,23 @@ async fn refuse(mut stream: UnixStream, refusal: &str) -> Result<()> {
     Ok(())
 }
 
-async fn push(daemon: &Daemon, path: &Path) -> String {
+/// `pitr archive-push`'s checks, for a hook whose data directory is `data_directory` (the
+/// daemon's own when the hook did not say).
+fn check_as_the_hook_does(
+    daemon: &Daemon,
+    path: &Path,
+    data_directory: Option<&Path>,
+    force: bool,
+) -> Result<()> {
+    let pgdata = data_directory.unwrap_or(&daemon.settings.pgdata);
+    let file = archive_push::validate(pgdata, path)?;
+    if !force {
+        archive_push::require_ready(&file)?;
+    }
+    Ok(())
+}
+
+async fn push(daemon: &Daemon, path: &Path, data_directory: Option<&Path>, force: bool) -> Reply {
     let hook = |result| {
         daemon
             .metrics
@@ -142,9 +168,13 @@ async fn push(daemon: &Daemon, path: &Path) -> String {
             .get_or_create(&HookLabels { result })
             .inc()
     };
+    if let Err(error) = check_as_the_hook_does(daemon, path, data_directory, force) {
+        hook("failed");
+        return Reply::Failed(format!("{error:#}"));
+    }
     if daemon.archiver.is_durable(path) {
         hook("durable");
-        return "ok already".to_string();
+        return Reply::AlreadyArchived;
     }
     let upload = daemon.archiver.request(path);
     // With an outage spool the upload first tries the store for `store_timeout`, then spools;
@@ -156,42 +186,44 @@ async fn push(daemon: &Daemon, path: &Path) -> String {
     match tokio::time::timeout(limit, upload).await {
         Ok(Ok(PushOutcome::Stored)) => {
             hook("waited");
-            "ok stored".to_string()
+            Reply::Stored
         }
         Ok(Ok(PushOutcome::AlreadyArchived)) => {
             hook("waited");
-            "ok already".to_string()
+            Reply::AlreadyArchived
         }
         Ok(Ok(PushOutcome::Spooled)) => {
             hook("spooled");
-            "ok spooled".to_string()
+            Reply::Spooled
         }
         Ok(Err(error)) => {
             hook("failed");
-            format!("err {error}")
+            Reply::Failed(error)
         }
         Err(_) => {
             hook("failed");
-            format!(
-                "err archiving {} did not finish within {} s; Postgres will retry",
+            Reply::Failed(format!(
+                "archiving {} did not finish within {} s; Postgres will retry",
                 path.display(),
                 limit.as_secs()
-            )
+            ))
         }
     }
 }
 
-async fn get(daemon: &Daemon, arguments: &str) -> String {
-    let Some((name, destination)) = arguments.split_once(' ') else {
-        return "err malformed get request".to_string();
-    };
-    let name = match name.parse() {
+/// `pitr archive-get`'s checks (a WAL file name, a destination that is no directory), then the
+/// prefetcher's answer.
+async fn get(daemon: &Daemon, wal_file: &str, destination: &Path) -> Reply {
+    let name = match wal_file.parse() {
         Ok(name) => name,
-        Err(error) => return format!("err {error}"),
+        Err(error) => return Reply::Failed(format!("{error}")),
     };
-    match daemon.prefetcher.get(name, Path::new(destination)).await {
-        Ok(GetOutcome::Restored) => "ok restored".to_string(),
-        Ok(GetOutcome::NotFound) => "missing".to_string(),
-        Err(error) => format!("err {error:#}"),
+    if let Err(error) = archive_get::refuse_directory_destination(destination) {
+        return Reply::Failed(format!("{error:#}"));
+    }
+    match daemon.prefetcher.get(name, destination).await {
+        Ok(GetOutcome::Restored) => Reply::Restored,
+        Ok(GetOutcome::NotFound) => Reply::Missing,
+        Err(error) => Reply::Failed(format!("{error:#}")),
     }
 }

@@ -20,4 +20,5 @@ pub mod prefetch;
 pub mod progress;
 pub mod repository;
 pub mod restore;
+pub mod storage;
 pub mod wal;

@@ -823,3 +823,59 @@ impl RepositoryError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::{SegmentName, TimelineId};
+
+    fn identity() -> Identity {
+        Identity::new(
+            SystemIdentifier(7_300_000_000_000_000_001),
+            PgVersion(15),
+            WalSegmentSize(16 << 20),
+            None,
+        )
+    }
+
+    /// The in-memory store carries a whole repository: identity, envelopes, the layout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repository_in_memory_keeps_identity_objects_and_listing() {
+        let repository = Repository::in_memory(None);
+        assert!(repository.read_identity().await.unwrap().is_none());
+        repository.ensure_identity(&identity()).await.unwrap();
+        assert_eq!(
+            repository
+                .require_identity()
+                .await
+                .unwrap()
+                .system_identifier,
+            identity().system_identifier
+        );
+        let segment = SegmentName {
+            timeline: TimelineId(1),
+            log_id: 0,
+            segment: 3,
+        };
+        let key = Repository::wal_key(&WalFileName::Segment(segment));
+        let options = EncodeOptions::default();
+        let body = Bytes::from_static(b"not really WAL");
+        let first = repository.put_bytes(&key, body.clone(), &options).await;
+        assert_eq!(first.unwrap(), PutOutcome::Created);
+        let second = repository.put_bytes(&key, body.clone(), &options).await;
+        assert_eq!(second.unwrap(), PutOutcome::AlreadyExists);
+        assert_eq!(repository.read_bytes(&key).await.unwrap().unwrap(), body);
+        assert_eq!(
+            repository.list_wal(WAL_PREFIX).await.unwrap(),
+            [WalFileName::Segment(segment)]
+        );
+        // The create-only probe cleaned up after itself.
+        assert!(
+            repository
+                .list(layout::TEMPORARY_PREFIX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}

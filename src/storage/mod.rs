@@ -47,7 +47,7 @@
 //! | kind | meaning | heals by waiting? |
 //! | --- | --- | --- |
 //! | `NotFound` | no object has the name | no |
-//! | `AlreadyExists` | a create-only write found the name taken (only from `update`'s callers' races; `put_create` reports it as an outcome) | no |
+//! | `AlreadyExists` | the name is taken (`put_create` reports this as its outcome, not an error) | no |
 //! | `Precondition` | a conditional update found another version | no |
 //! | `Denied` | the store refused the credentials or the permission (401, 403) | no |
 //! | `Unreachable` | transport failure, dropped connection, server error (5xx) | yes |

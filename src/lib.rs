@@ -2,7 +2,8 @@
 //!
 //! Modules follow the data flow: `wal` names and validates what Postgres hands over, `envelope`
 //! turns plaintext into a compressed, encrypted object and back, `keyring` holds the keys,
-//! `repository` stores objects on object_store, `outage_spool` keeps encoded WAL locally while the
+//! `repository` keeps objects (identity, envelopes, the key layout) in a store behind the
+//! `storage` contract, `outage_spool` keeps encoded WAL locally while the
 //! store is unreachable, `config` resolves settings, and `commands` are
 //! the entry points the CLI calls. docs/ARCHITECTURE.md walks through them.
 

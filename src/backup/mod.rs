@@ -10,48 +10,20 @@ pub mod page_checksum;
 pub mod paths;
 pub mod take;
 
-use std::fmt;
-
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::keyring::Keyring;
-use crate::repository::Repository;
+pub use crate::repository::layout::{BACKUP_PREFIX, BackupId, CHUNK_PREFIX, ChunkId};
+use crate::repository::{Repository, layout};
 use crate::wal::{Lsn, SystemIdentifier, TimelineId};
 pub use paths::{ManifestPath, Tablespace, TablespaceMap};
 
-pub const BACKUP_PREFIX: &str = "backups";
-pub const CHUNK_PREFIX: &str = "chunks";
 /// Files are cut into chunks of this size; a changed page re-uploads only its chunk.
 pub const CHUNK_SIZE: usize = 1 << 20;
 
-/// A backup's id: its start time, `20261122T034512Z`, which also sorts by age.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct BackupId(pub String);
-
-impl BackupId {
-    pub fn from_time(time: chrono::DateTime<chrono::Utc>) -> Self {
-        BackupId(time.format("%Y%m%dT%H%M%SZ").to_string())
-    }
-
-    pub fn manifest_key(&self) -> String {
-        format!("{BACKUP_PREFIX}/{}/manifest", self.0)
-    }
-}
-
-impl fmt::Display for BackupId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// The id of a chunk: a keyed BLAKE3 hash of its content, so that chunk names reveal nothing
+/// The id of a chunk is a keyed BLAKE3 hash of its content, so that chunk names reveal nothing
 /// about the data to someone without the keyring.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ChunkId(pub String);
-
 impl ChunkId {
     pub fn of(content: &[u8], keyring: Option<&Keyring>) -> Self {
         let hash = match keyring {
@@ -65,10 +37,6 @@ impl ChunkId {
             None => blake3::hash(content),
         };
         ChunkId(hash.to_hex().to_string())
-    }
-
-    pub fn key(&self) -> String {
-        format!("{CHUNK_PREFIX}/{}/{}", &self.0[..2], self.0)
     }
 }
 
@@ -133,11 +101,7 @@ impl Manifest {
     pub fn from_json(key: &str, bytes: &[u8]) -> Result<Manifest, ManifestError> {
         serde_json::from_slice(bytes).map_err(|error| match refused_entry(bytes) {
             Some(detail) => ManifestError::Refused {
-                backup: key
-                    .strip_prefix(&format!("{BACKUP_PREFIX}/"))
-                    .and_then(|rest| rest.strip_suffix("/manifest"))
-                    .unwrap_or(key)
-                    .to_string(),
+                backup: layout::manifest_backup(key).map_or_else(|| key.to_string(), |id| id.0),
                 key: key.to_string(),
                 detail,
             },
@@ -177,7 +141,7 @@ pub async fn catalog(repository: &Repository) -> Result<Vec<Manifest>> {
     let mut manifests = Vec::new();
     for meta in repository.list(BACKUP_PREFIX).await? {
         let key = repository.relative_key(&meta).to_string();
-        if !key.ends_with("/manifest") {
+        if layout::manifest_backup(&key).is_none() {
             continue;
         }
         let bytes = repository

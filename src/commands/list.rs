@@ -5,9 +5,9 @@ use serde::Serialize;
 
 use crate::backup::catalog;
 use crate::config::Settings;
-use crate::repository::{Repository, WAL_PREFIX};
+use crate::repository::{Repository, layout};
 use crate::restore::reach::ArchiveIndex;
-use crate::wal::{PgVersion, SegmentName, TimelineId};
+use crate::wal::{PgVersion, SegmentName, TimelineId, WalFileName};
 
 /// One backup as `--output json` prints it.
 #[derive(Debug, Serialize)]
@@ -95,18 +95,13 @@ async fn archived_segments(
     repository: &Repository,
     timeline: TimelineId,
 ) -> Result<Vec<SegmentName>> {
-    let prefix = format!("{WAL_PREFIX}/{timeline}");
     let mut segments: Vec<SegmentName> = repository
-        .list(&prefix)
+        .list_wal(&layout::wal_timeline(timeline))
         .await?
-        .iter()
-        .filter_map(|meta| {
-            repository
-                .relative_key(meta)
-                .rsplit('/')
-                .next()?
-                .parse()
-                .ok()
+        .into_iter()
+        .filter_map(|name| match name {
+            WalFileName::Segment(segment) => Some(segment),
+            _ => None,
         })
         .collect();
     segments.sort();

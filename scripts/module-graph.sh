@@ -13,7 +13,7 @@ LAYERS = [
     ["wal", "durable", "buffer_pool", "progress"],
     ["keyring"],
     ["envelope"],
-    ["config"],
+    ["config", "storage"],
     ["postgres", "repository"],
     ["archive", "backup", "restore"],
     ["daemon"],

@@ -348,3 +348,30 @@ fn the_hook_socket_bounds_what_it_reads_and_how_long_it_waits() {
         "{metrics}"
     );
 }
+
+#[test]
+fn sigterm_stops_every_task_and_the_daemon_exits_cleanly() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let http_port = free_port();
+    let config = write_config(&workspace, &workspace.path("primary"), http_port);
+    let mut primary = archiving_cluster(&workspace, &config, "");
+    primary.start();
+    primary.sql("create table ledger (id int, note int)");
+    let mut daemon = DaemonProcess::start(&workspace, &config, &primary, http_port);
+    switch_segments(&primary, 3);
+    primary.wait_until_archived(Duration::from_secs(60));
+    let started = std::time::Instant::now();
+    let exit = daemon.terminate(Duration::from_secs(40));
+    let log = workspace.daemon_log();
+    assert_eq!(exit, Some(0), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains("aborted"), "{log}");
+    // With the daemon gone, the hooks work on their own: archiving goes on.
+    switch_segments(&primary, 1);
+    primary.wait_until_archived(Duration::from_secs(60));
+    assert_eq!(failed_archives(&primary), 0);
+}

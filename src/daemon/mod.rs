@@ -10,6 +10,7 @@ pub mod client;
 pub mod http;
 pub mod metrics;
 pub mod server;
+pub mod tasks;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -153,8 +154,9 @@ pub async fn run(settings: Settings) -> Result<()> {
         readiness: tokio::sync::Mutex::default(),
     });
 
+    let mut tasks = tasks::Tasks::new();
     let listener = server::bind(&settings.socket)?;
-    tokio::spawn(server::serve(listener, Arc::clone(&daemon)));
+    tasks.spawn("hook socket", server::serve(listener, Arc::clone(&daemon)));
     let http = tokio::net::TcpListener::bind(settings.http_addr)
         .await
         .with_context(|| {
@@ -164,17 +166,34 @@ pub async fn run(settings: Settings) -> Result<()> {
             )
         })?;
     let router = http::router(Arc::clone(&daemon));
-    tokio::spawn(async move { axum::serve(http, router).await });
-    tokio::spawn(Arc::clone(&daemon.archiver).watch());
-    tokio::spawn(clear_spool_after_recovery(Arc::clone(&daemon)));
+    let http_shutdown = tasks.shutdown_signal();
+    tasks.spawn("HTTP API", async move {
+        let served = axum::serve(http, router).with_graceful_shutdown(http_shutdown.begun());
+        if let Err(error) = served.await {
+            tracing::warn!("the HTTP API stopped: {error}");
+        }
+    });
+    tasks.spawn("archiver", Arc::clone(&daemon.archiver).watch());
+    tasks.spawn(
+        "prefetch cleanup",
+        clear_spool_after_recovery(Arc::clone(&daemon)),
+    );
     tracing::info!(socket = %settings.socket.display(), http = %settings.http_addr, pgdata = %settings.pgdata.display(), "pitr daemon running");
 
     wait_for_shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight uploads");
     let _ = std::fs::remove_file(&settings.socket);
     daemon.archiver.drain(SHUTDOWN_GRACE).await;
+    let aborted = tasks.shutdown(TASK_GRACE).await;
+    if !aborted.is_empty() {
+        tracing::warn!(?aborted, "tasks that did not stop in time were aborted");
+    }
+    tracing::info!("stopped");
     Ok(())
 }
+
+/// How long the tasks get to stop once the archiver's uploads are done.
+const TASK_GRACE: Duration = Duration::from_secs(5);
 
 async fn clear_spool_after_recovery(daemon: Arc<Daemon>) {
     loop {

@@ -624,6 +624,22 @@ impl DaemonProcess {
         daemon
     }
 
+    /// Sends SIGTERM to the daemon, as Kubernetes does, and waits for it to exit (at most
+    /// `limit`): its exit code, or `None` if it had not exited by then.
+    pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn kill_hard(&mut self) {
         // runuser forwards no SIGKILL, so kill the daemon itself, found by its parent.
         let children = Command::new("pgrep")

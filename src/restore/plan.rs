@@ -102,21 +102,18 @@ pub(super) async fn read_archive(
         segments: ArchivedSegments::new(),
         histories: HashMap::new(),
     };
-    for meta in repository.list(WAL_PREFIX).await? {
-        let key = repository.relative_key(&meta).to_string();
-        match key
-            .rsplit('/')
-            .next()
-            .and_then(|name| name.parse::<WalFileName>().ok())
-        {
-            Some(WalFileName::Segment(segment)) => {
+    // The layout parses the keys; a key it would not have built is not part of the archive.
+    for name in repository.list_wal(WAL_PREFIX).await? {
+        match name {
+            WalFileName::Segment(segment) => {
                 let number = segment.segment_number(size);
                 view.segments
                     .entry(segment.timeline)
                     .or_default()
                     .insert(number);
             }
-            Some(WalFileName::History(timeline)) => {
+            WalFileName::History(timeline) => {
+                let key = Repository::wal_key(&name);
                 let bytes = repository
                     .read_bytes(&key)
                     .await?

@@ -508,6 +508,20 @@ fn keyring_file(workspace: &Workspace, name: &str, body: &str, mode: u32) -> Pat
     path
 }
 
+/// `pitr wal list` on `repository` with `keyring`: every command loads the keyring first.
+fn wal_list_with_keyring(workspace: &Workspace, repository: &Path, keyring: &Path) -> Output {
+    let name = keyring.file_name().unwrap().to_str().unwrap();
+    let config = workspace.write_config(
+        &format!("{name}.toml"),
+        &format!(
+            "repo = 'file://{}'\nkey_file = '{}'\n",
+            repository.display(),
+            keyring.display()
+        ),
+    );
+    workspace.pitr(&config, &["wal", "list"])
+}
+
 fn keygen_output(workspace: &Workspace, config: &Path) -> Output {
     workspace.pitr(config, &["wal", "list"])
 }
@@ -602,15 +616,7 @@ fn key_material_never_appears_in_an_error() {
         ),
     ] {
         let keyring = keyring_file(&workspace, name, &body, 0o600);
-        let config = workspace.write_config(
-            &format!("{name}.toml"),
-            &format!(
-                "repo = 'file://{}'\nkey_file = '{}'\n",
-                repository.display(),
-                keyring.display()
-            ),
-        );
-        let output = workspace.pitr(&config, &["wal", "list"]);
+        let output = wal_list_with_keyring(&workspace, &repository, &keyring);
         let stderr = stderr_of(&output);
         assert_eq!(
             (output.status.code(), stderr.as_str()),
@@ -1029,15 +1035,7 @@ fn keyring_ids_are_unique_and_never_zero() {
         ),
     ] {
         let keyring = keyring_file(&workspace, name, &body, 0o600);
-        let config = workspace.write_config(
-            &format!("{name}.toml"),
-            &format!(
-                "repo = 'file://{}'\nkey_file = '{}'\n",
-                repository.display(),
-                keyring.display()
-            ),
-        );
-        let output = workspace.pitr(&config, &["wal", "list"]);
+        let output = wal_list_with_keyring(&workspace, &repository, &keyring);
         assert_eq!(
             (output.status.code(), stderr_of(&output)),
             (

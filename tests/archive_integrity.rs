@@ -52,17 +52,7 @@ impl Fixture {
             .find(|name| name.ends_with(".backup"))
             .expect("pg_backup_stop wrote a backup history file")
             .clone();
-        let keyring = workspace.keygen("keyring");
-        let repository = workspace.path("repo");
-        let config = workspace.write_config(
-            "pitr.toml",
-            &format!(
-                "repo = 'file://{}'\nkey_file = '{}'\npgdata = '{}'\nstore_timeout = 10\n",
-                repository.display(),
-                keyring.display(),
-                cluster.data.display()
-            ),
-        );
+        let (config, repository) = workspace.encrypted_file_repository("store_timeout = 10\n");
         let fixture = Fixture {
             workspace,
             cluster,

@@ -522,25 +522,11 @@ fn wal_list_with_keyring(workspace: &Workspace, repository: &Path, keyring: &Pat
     workspace.pitr(&config, &["wal", "list"])
 }
 
-fn keygen_output(workspace: &Workspace, config: &Path) -> Output {
-    workspace.pitr(config, &["wal", "list"])
-}
-
 #[test]
 fn keyrings_others_can_read_or_write_are_refused() {
     let workspace = Workspace::new();
     let genuine = std::fs::read_to_string(workspace.keygen("keyring")).unwrap();
     let repository = workspace.path("repo");
-    let config_for = |keyring: &Path| {
-        workspace.write_config(
-            &format!("{}.toml", keyring.file_name().unwrap().to_str().unwrap()),
-            &format!(
-                "repo = 'file://{}'\nkey_file = '{}'\n",
-                repository.display(),
-                keyring.display()
-            ),
-        )
-    };
     for (mode, problem) in [
         (0o666, "is writable by other users (mode 0666)"),
         (0o620, "is writable by its group (mode 0620)"),
@@ -548,7 +534,7 @@ fn keyrings_others_can_read_or_write_are_refused() {
         (0o604, "is readable by every user (mode 0604)"),
     ] {
         let keyring = keyring_file(&workspace, &format!("keyring-{mode:o}"), &genuine, mode);
-        let output = keygen_output(&workspace, &config_for(&keyring));
+        let output = wal_list_with_keyring(&workspace, &repository, &keyring);
         assert_eq!(
             (output.status.code(), stderr_of(&output)),
             (
@@ -566,7 +552,7 @@ fn keyrings_others_can_read_or_write_are_refused() {
     // fsGroup. The repository does not exist yet, which is what the command then says.
     for mode in [0o600, 0o400, 0o640, 0o440] {
         let keyring = keyring_file(&workspace, &format!("keyring-ok-{mode:o}"), &genuine, mode);
-        let output = keygen_output(&workspace, &config_for(&keyring));
+        let output = wal_list_with_keyring(&workspace, &repository, &keyring);
         assert!(
             !stderr_of(&output).contains("keyring"),
             "mode {mode:o}: {}",

@@ -107,39 +107,14 @@ fn hook(program: &Path, config: &Path, data: &Path, arguments: &[&str]) -> Outpu
 
 /// Every archived segment of `data` comes back byte-identical through the small get hook.
 fn round_trip(workspace: &Workspace, get_hook: &Path, config: &Path, data: &Path) -> usize {
-    let fetched = workspace.path("fetched");
-    let _ = std::fs::remove_dir_all(&fetched);
-    std::fs::create_dir(&fetched).unwrap();
-    workspace.give_to_postgres(&fetched);
-    let mut count = 0;
-    for entry in std::fs::read_dir(data.join("pg_wal/archive_status"))
-        .unwrap()
-        .flatten()
-    {
-        let status = entry.file_name().into_string().unwrap();
-        let Some(name) = status.strip_suffix(".done").filter(|name| name.len() == 24) else {
-            continue;
-        };
-        let destination = fetched.join(name);
-        let output = hook(
+    support::round_trip_archived_segments_with(workspace, data, |name, destination| {
+        hook(
             get_hook,
             config,
             data,
             &[name, destination.to_str().unwrap()],
-        );
-        assert!(
-            output.status.success(),
-            "get {name}: {}",
-            stderr_of(&output)
-        );
-        assert!(
-            std::fs::read(&destination).unwrap()
-                == std::fs::read(data.join("pg_wal").join(name)).unwrap(),
-            "{name} differs"
-        );
-        count += 1;
-    }
-    count
+        )
+    })
 }
 
 fn hook_requests(daemon: &DaemonProcess, result: &str) -> f64 {

@@ -767,6 +767,20 @@ pub fn assert_valid_prometheus_text(text: &str) {
 
 /// Every segment Postgres marked archived comes back byte-identical through `archive-get`.
 pub fn round_trip_archived_segments(workspace: &Workspace, config: &Path, data: &Path) -> usize {
+    round_trip_archived_segments_with(workspace, data, |name, destination| {
+        workspace.pitr(
+            config,
+            &["archive-get", name, destination.to_str().unwrap()],
+        )
+    })
+}
+
+/// `round_trip_archived_segments` through any restore_command: `fetch(name, destination)`.
+pub fn round_trip_archived_segments_with(
+    workspace: &Workspace,
+    data: &Path,
+    fetch: impl Fn(&str, &Path) -> Output,
+) -> usize {
     let fetched = workspace.path("fetched");
     let _ = std::fs::remove_dir_all(&fetched);
     std::fs::create_dir(&fetched).unwrap();
@@ -781,13 +795,10 @@ pub fn round_trip_archived_segments(workspace: &Workspace, config: &Path, data: 
             continue;
         };
         let destination = fetched.join(name);
-        let output = workspace.pitr(
-            config,
-            &["archive-get", name, destination.to_str().unwrap()],
-        );
+        let output = fetch(name, &destination);
         assert!(
             output.status.success(),
-            "archive-get {name}: {}",
+            "get {name}: {}",
             stderr_of(&output)
         );
         assert!(

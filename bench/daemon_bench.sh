@@ -56,7 +56,9 @@
 #   DAEMON_ENV=                 extra VAR=value words for the daemon's environment only, for
 #                               what-if runs, e.g. MALLOC_ARENA_MAX=2 or LD_PRELOAD=<shim>.so
 #   SUMMARY_ONLY=1              only print the summary of the results already in OUTDIR
-#   SMALL_PUSH_BIN=target/release/pitr-archive-push   the small hook, installed beside pitr
+#   SMALL_PUSH_BIN=target/<host>/release/pitr-archive-push   the small hook as it ships (static,
+#                               scripts/build-hooks.sh), installed beside pitr; "none": no small
+#                               hook rows (for a pitr from before the small hooks)
 #   LAT_ONLY=1                  the short form: per corpus and repository one pitr push run (the
 #                               daemon kept up), then the hook-latency phase and the floors; no
 #                               get phase, no limits. pgBackRest rows are skipped when it is not
@@ -76,7 +78,7 @@ RUNS=${RUNS:-3}
 LAT_CALLS=${LAT_CALLS:-50}
 LAT_ROUNDS=${LAT_ROUNDS:-1}
 LAT_ONLY=${LAT_ONLY:-0}
-SMALL_PUSH_BIN=${SMALL_PUSH_BIN:-$ROOT/target/release/pitr-archive-push}
+SMALL_PUSH_BIN=${SMALL_PUSH_BIN:-$ROOT/target/$(rustc -vV | sed -n "s/^host: //p")/release/pitr-archive-push}   # scripts/build-hooks.sh
 CONC=${CONC:-2}
 CONC_HI=${CONC_HI:-8}
 PREFETCH=${PREFETCH:-16}
@@ -140,7 +142,7 @@ if ! command -v pgbackrest >/dev/null; then
 fi
 pgbr_version() { if [ "$HAVE_PGBR" = 1 ]; then pgbackrest version; else echo "pgBackRest not installed (its rows skipped)"; fi; }
 [ -x "$PITR_BIN" ] || die "no pitr binary at $PITR_BIN (set PITR_BIN)"
-[ -x "$SMALL_PUSH_BIN" ] || die "no small hook at $SMALL_PUSH_BIN (cargo build --release --workspace, or set SMALL_PUSH_BIN)"
+[ "$SMALL_PUSH_BIN" = none ] || [ -x "$SMALL_PUSH_BIN" ] || die "no small hook at $SMALL_PUSH_BIN (scripts/build-hooks.sh, or set SMALL_PUSH_BIN)"
 [ -z "$WALRUS_BIN" ] || [ -x "$WALRUS_BIN" ] || die "no walrus binary at $WALRUS_BIN (unset WALRUS_BIN to skip WAL-RUS)"
 case " $REPOS " in *" s3 "*)
   command -v s3s-fs >/dev/null || die "s3s-fs is not installed (cargo install s3s-fs --features binary)"
@@ -152,7 +154,7 @@ PITR=$WORK/bin/pitr
 if [ "${SUMMARY_ONLY:-0}" != 1 ]; then
 rm -rf "$WORK"; mkdir -p "$WORK/bin" "$RUN" "$OUTDIR"
 install -m 755 "$PITR_BIN" "$WORK/bin/pitr"     # rebuilds during the run don't change what is measured
-install -m 755 "$SMALL_PUSH_BIN" "$WORK/bin/pitr-archive-push"   # beside pitr, which it hands over to
+[ "$SMALL_PUSH_BIN" = none ] || install -m 755 "$SMALL_PUSH_BIN" "$WORK/bin/pitr-archive-push"   # beside pitr, which it hands over to
 [ -z "$WALRUS_BIN" ] || install -m 755 "$WALRUS_BIN" "$WORK/bin/walrus"
 chown postgres: "$WORK" "$RUN"
 : >"$RES"; : >"$DRES"; : >"$LRES"; : >"$OUTDIR/bench.log"; : >"$OUTDIR/sizes.txt"
@@ -566,10 +568,12 @@ latency() {   # KIND: the stage and pitr-c$CONC repository of the last push run,
   # small hook and pitr alternate, so drift on a shared machine affects both alike.
   local round
   for round in $(seq 1 "$LAT_ROUNDS"); do
+    if [ "$SMALL_PUSH_BIN" != none ]; then
     before=$(hook_durable)
     WAIT_LOAD=0 lat "$TAG-$kind-lat-small-daemon" "$STAGE" "$WORK/bin/pitr-archive-push" --config "$WORK/pitr-push-c$CONC.toml" "$p"
     after=$(hook_durable)
     echo "$TAG $kind lat-small-daemon round $round durable_answers $((after - before)) of $((LAT_CALLS + 1))" >>"$OUTDIR/sizes.txt"
+    fi
     before=$(hook_durable)
     WAIT_LOAD=0 lat "$TAG-$kind-lat-pitr-daemon" "$STAGE" "$PITR" --config "$WORK/pitr-push-c$CONC.toml" archive-push "$p"
     after=$(hook_durable)

@@ -14,29 +14,25 @@ use support::{
     Cluster, DaemonProcess, Workspace, as_postgres, free_port, metric, pg15_available, stderr_of,
 };
 
-/// The small hooks, built once per test run into their own target directory (so this build
-/// never waits on the one running the tests).
+/// The small hooks as they ship (statically linked, `scripts/build-hooks.sh`), built once per
+/// test run into their own target directory (so this build never waits on the one running the
+/// tests).
 fn built_small_hooks() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let target = workspace.join("target/small-hooks");
-        let status = Command::new(env!("CARGO"))
+        let output = Command::new(workspace.join("scripts/build-hooks.sh"))
             .current_dir(workspace)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "pitr-archive-push",
-                "-p",
-                "pitr-archive-get",
-            ])
-            .arg("--target-dir")
-            .arg(&target)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the small hooks failed");
-        target.join("debug")
+            .args(["--debug", "--target-dir"])
+            .arg(workspace.join("target/small-hooks"))
+            .output()
+            .expect("scripts/build-hooks.sh runs");
+        assert!(
+            output.status.success(),
+            "building the small hooks failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
     })
 }
 

@@ -18,11 +18,11 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::{CONNECT_TIMEOUT, REPLY_MARGIN, REQUEST_LIMIT, Reply, Request};
@@ -296,22 +296,73 @@ pub fn ask(location: &Location, request: &Request) -> Asked {
 }
 
 /// Connects within `CONNECT_TIMEOUT`. A Unix connect returns at once unless the daemon's listen
-/// queue is full (a daemon that stopped accepting), and then it blocks without end; std has no
-/// connect timeout for Unix sockets, so the connect runs on a helper thread, abandoned if it
-/// blocks. A missing socket (no daemon, the usual fallback) is seen first and costs no thread.
+/// queue is full (a daemon that stopped accepting); Linux then waits for room as long as the
+/// socket's send timeout (`SO_SNDTIMEO`) allows, and without one for ever. So the timeout is set
+/// on the socket before it connects. std has no way to set an option on a socket before it
+/// connects, so creating and connecting it are two calls into the C library that std itself
+/// links (no crate); a helper thread bounding a plain connect cost about 0.4 ms per hook (the
+/// thread, its malloc arena and signal stack). A missing socket (no daemon, the usual fallback)
+/// is seen first.
 fn connect(socket: &Path) -> Option<UnixStream> {
     if !socket.exists() {
         return None;
     }
-    let (sender, receiver) = mpsc::channel();
-    let socket = socket.to_path_buf();
-    std::thread::Builder::new()
-        .stack_size(64 << 10)
-        .spawn(move || {
-            let _ = sender.send(UnixStream::connect(socket));
-        })
-        .ok()?;
-    receiver.recv_timeout(CONNECT_TIMEOUT).ok()?.ok()
+    let address = UnixAddress::of(socket)?;
+    // SAFETY: socket(2) takes no pointers; a negative result is an error, anything else a new
+    // descriptor that nothing else owns.
+    let descriptor =
+        unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if descriptor < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is open and owned by nobody else; the stream closes it on drop.
+    let stream = unsafe { UnixStream::from_raw_fd(descriptor) };
+    stream.set_write_timeout(Some(CONNECT_TIMEOUT)).ok()?;
+    // SAFETY: `address` is a valid sockaddr_un that outlives the call, and the length passed
+    // is its size.
+    let connected = unsafe {
+        libc::connect(
+            descriptor,
+            (&raw const address).cast(),
+            std::mem::size_of::<UnixAddress>() as u32,
+        )
+    };
+    (connected == 0).then_some(stream)
+}
+
+/// `struct sockaddr_un` of Linux: the family, then a NUL-terminated path of at most 107 bytes.
+#[repr(C)]
+struct UnixAddress {
+    family: u16,
+    path: [u8; 108],
+}
+
+impl UnixAddress {
+    /// `None` for a path too long for a Unix socket (pitr refuses to bind one, too).
+    fn of(socket: &Path) -> Option<UnixAddress> {
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(socket.as_os_str());
+        let mut address = UnixAddress {
+            family: libc::AF_UNIX as u16,
+            path: [0; 108],
+        };
+        if bytes.len() >= address.path.len() || bytes.contains(&0) {
+            return None;
+        }
+        address.path[..bytes.len()].copy_from_slice(bytes);
+        Some(address)
+    }
+}
+
+/// The two calls of the C library that `connect` needs, declared here rather than taken from
+/// the `libc` crate so the small hooks keep to the standard library. Values are Linux's.
+mod libc {
+    pub const AF_UNIX: i32 = 1;
+    pub const SOCK_STREAM: i32 = 1;
+    pub const SOCK_CLOEXEC: i32 = 0o2_000_000;
+    unsafe extern "C" {
+        pub fn socket(domain: i32, kind: i32, protocol: i32) -> i32;
+        pub fn connect(descriptor: i32, address: *const u8, length: u32) -> i32;
+    }
 }
 
 /// Replaces this process with `pitr <verb> <arguments>`: `PITR_BINARY`, else `pitr` beside this
@@ -343,6 +394,37 @@ fn pitr_binary() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon that stopped accepting fills its listen queue; the hook must then give up
+    /// within `CONNECT_TIMEOUT` (and hand over to pitr), never wait for ever.
+    #[test]
+    fn a_full_listen_queue_fails_the_connect_within_its_timeout() {
+        let directory =
+            std::env::temp_dir().join(format!("pitr-hook-queue-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        std::fs::create_dir_all(&directory).unwrap();
+        let path = directory.join("pitr.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut held = Vec::new();
+        let refused_after = loop {
+            let started = std::time::Instant::now();
+            match connect(&path) {
+                Some(stream) => held.push(stream),
+                None => break started.elapsed(),
+            }
+            assert!(held.len() < 100_000, "the listen queue never filled");
+        };
+        assert!(
+            !held.is_empty(),
+            "connections were accepted into the queue first"
+        );
+        assert!(
+            refused_after >= CONNECT_TIMEOUT.mul_f32(0.9)
+                && refused_after < CONNECT_TIMEOUT + Duration::from_secs(2),
+            "gave up after {refused_after:?}, not after about {CONNECT_TIMEOUT:?}"
+        );
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
 
     fn words(list: &[&str]) -> Vec<OsString> {
         list.iter().map(OsString::from).collect()

@@ -24,15 +24,18 @@ pub enum GetOutcome {
 /// that restoring it asks the store nothing: the store may still be down, and until the daemon
 /// moves the file, the spool holds its only copy. True if the spool holds the file and its
 /// identity copy was adopted.
-pub fn adopt_outage_spool_identity(
+pub async fn adopt_outage_spool_identity(
     spool: Option<&OutageSpool>,
     repository: &Repository,
     name: &WalFileName,
 ) -> bool {
-    spool.is_some_and(|spool| {
-        spool.holds(&Repository::wal_key(name))
-            && spool.adopt_identity(repository, &name.to_string()).is_ok()
-    })
+    match spool {
+        Some(spool) if spool.holds(name) => spool
+            .adopt_identity(repository, &name.to_string())
+            .await
+            .is_ok(),
+        _ => false,
+    }
 }
 
 /// Refuses to restore into a data directory of another cluster.
@@ -61,9 +64,22 @@ pub async fn fetch_or_spooled(
     destination: &Path,
 ) -> Result<GetOutcome> {
     if let Some(spool) = spool
-        && spool.restore(&Repository::wal_key(name), repository, destination)?
+        && spool.holds(name)
     {
-        return Ok(GetOutcome::Restored);
+        // Verified with the repository's identity, which the spool takes on: adopted from its
+        // copy during an outage, or kept there from the store.
+        if spool.repository().known_identity().is_none()
+            && let Some(identity) = repository.known_identity()
+        {
+            spool
+                .repository()
+                .adopt_identity(identity.clone())
+                .context("the outage spool")?;
+        }
+        match fetch(spool.repository(), name, destination).await? {
+            GetOutcome::NotFound => {}
+            restored => return Ok(restored),
+        }
     }
     fetch(repository, name, destination).await
 }

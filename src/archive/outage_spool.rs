@@ -3,10 +3,12 @@
 //! It is optional (`PITR_OUTAGE_SPOOL`, a directory that should be on another volume than
 //! `pg_wal`, so that one outage does not fill both). When a push fails because the store is
 //! unreachable or stalls, the file is encoded exactly as the repository would store it (the same
-//! envelope: compressed, encrypted, checksummed, its key in the header) and written here
-//! durably: a temporary file, fsync, a link to the final name that never replaces an existing
-//! one, then fsyncs of the directories. Only then does archive-push exit 0, so Postgres may
-//! recycle the segment: the spooled copy is what keeps it. The spool is bounded
+//! envelope: compressed, encrypted, checksummed, its key in the header) and stored here under the
+//! same key. The spool is itself a repository: a local `file://` store with the same layout,
+//! written and read through the same storage contract (create-only and durable before it is
+//! acknowledged, verified on every read), so it has no file code of its own. Only once the
+//! spooled copy is durable does archive-push exit 0, so Postgres may recycle the segment: the
+//! spooled copy is what keeps it. The spool is bounded
 //! (`PITR_OUTAGE_SPOOL_MAX_MB`); past the cap archive-push fails as it would without a spool,
 //! and Postgres keeps the WAL in `pg_wal`.
 //!
@@ -15,30 +17,36 @@
 //! verified, written create-only, and removed only once the repository holds the same content
 //! durably. archive-get falls back to the spool for a file the repository does not hold yet.
 //! A hook cannot ask an unreachable store for the repository's identity, so the spool keeps a
-//! copy of it, written while the store answered: a hook checks the cluster and the keyring
-//! against that copy, and with no copy it does not spool.
+//! copy of it as its own identity object (with the repository's URL), written while the store
+//! answered: a hook checks the cluster and the keyring against that copy, and with no copy it
+//! does not spool.
 
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::envelope::{self, ContentSummary, Header};
+use crate::envelope::{self, ContentSummary, DecodeMode};
+use crate::keyring::Keyring;
 use crate::repository::layout;
-use crate::repository::{PutOutcome, Repository, RepositoryError};
-
-const IDENTITY_COPY: &str = "pitr.identity";
+use crate::repository::{PutOutcome, Repository, RepositoryError, WAL_PREFIX};
+use crate::wal::WalFileName;
 
 /// The outage spool named in the settings.
 #[derive(Clone)]
 pub struct OutageSpool {
     directory: PathBuf,
+    /// The spool itself: a repository in `directory`, with the main repository's keyring and,
+    /// once known, its identity.
+    spool: Arc<Repository>,
     max_bytes: u64,
     /// Set once this process has checked or written the identity copy: a repository's identity
     /// never changes, so the daemon's pushes need not read the copy again each time.
-    identity_remembered: std::sync::OnceLock<()>,
+    identity_remembered: Arc<OnceLock<()>>,
+    /// What the spool held when last listed (`refresh_usage`), for status and metrics.
+    last_usage: Arc<Mutex<SpoolUsage>>,
 }
 
 /// What the spool holds now.
@@ -49,12 +57,6 @@ pub struct SpoolUsage {
     pub bytes: u64,
     pub max_bytes: u64,
     pub oldest: Option<String>,
-}
-
-/// A spooled object: its repository key and where it lies.
-struct SpooledObject {
-    key: String,
-    path: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,40 +87,67 @@ pub enum SpoolError {
 }
 
 impl OutageSpool {
-    pub fn open(settings: &Settings) -> Option<Self> {
-        settings.outage_spool.as_ref().map(|directory| OutageSpool {
+    /// The outage spool `settings` name, for the repository whose keyring is `keyring`; `None`
+    /// without one. Its directory is created if missing.
+    pub fn open(
+        settings: &Settings,
+        keyring: Option<&Keyring>,
+    ) -> Result<Option<Self>, SpoolError> {
+        let Some(directory) = &settings.outage_spool else {
+            return Ok(None);
+        };
+        let spool = Repository::open_local(directory, keyring.cloned(), settings.store_timeout)
+            .map_err(|error| SpoolError::Io {
+                directory: directory.display().to_string(),
+                detail: format!("cannot open it: {error}"),
+            })?;
+        Ok(Some(OutageSpool {
             directory: directory.clone(),
+            spool: Arc::new(spool),
             max_bytes: settings.outage_spool_max_bytes,
-            identity_remembered: std::sync::OnceLock::new(),
-        })
+            identity_remembered: Arc::default(),
+            last_usage: Arc::new(Mutex::new(SpoolUsage {
+                directory: directory.display().to_string(),
+                max_bytes: settings.outage_spool_max_bytes,
+                ..SpoolUsage::default()
+            })),
+        }))
     }
 
-    fn io_error(&self, detail: String) -> SpoolError {
+    fn io_error(&self, detail: impl std::fmt::Display) -> SpoolError {
         SpoolError::Io {
             directory: self.directory.display().to_string(),
-            detail,
+            detail: detail.to_string(),
         }
     }
 
     /// Keeps the identity `repository` has read from the store, for hooks during an outage
-    /// (`Repository::keep_identity_copy`), once per process: it never changes.
-    pub fn remember_identity(&self, repository: &Repository) {
-        if self.identity_remembered.get().is_some() {
+    /// (`Repository::keep_identity_in`), once per process: it never changes.
+    pub async fn remember_identity(&self, repository: &Repository) {
+        if self.identity_remembered.get().is_some() || repository.known_identity().is_none() {
             return;
         }
-        if repository.keep_identity_copy(&self.directory.join(IDENTITY_COPY)) {
-            let _ = self.identity_remembered.set(());
-        } else if repository.known_identity().is_some() {
-            tracing::warn!(spool = %self.directory.display(), "cannot keep the repository identity in the outage spool");
+        match repository.keep_identity_in(&self.spool).await {
+            Ok(()) => {
+                let _ = self.identity_remembered.set(());
+            }
+            Err(error) => {
+                tracing::warn!(spool = %self.directory.display(), "cannot keep the repository identity in the outage spool: {error}")
+            }
         }
     }
 
     /// Makes `repository` use the identity copy, after the same checks as one read from the
     /// store (the keyring must match). Fails if there is no usable copy for this URL.
-    pub fn adopt_identity(&self, repository: &Repository, name: &str) -> Result<(), SpoolError> {
+    pub async fn adopt_identity(
+        &self,
+        repository: &Repository,
+        name: &str,
+    ) -> Result<(), SpoolError> {
         let adopted = repository
-            .adopt_identity_copy(&self.directory.join(IDENTITY_COPY))
-            .map_err(|error| self.io_error(error.to_string()))?;
+            .adopt_identity_from(&self.spool)
+            .await
+            .map_err(|error| self.io_error(error))?;
         if adopted {
             return Ok(());
         }
@@ -130,19 +159,20 @@ impl OutageSpool {
 
     /// Stores an encoded object under its repository key, durably and never over another.
     /// An object already spooled under that key is accepted if it holds the same content.
-    pub fn store(
+    /// `repository`'s identity must be known: the spool's copy of it is written first.
+    pub async fn store(
         &self,
         key: &str,
-        object: &[Bytes],
+        object: Vec<Bytes>,
         content: &ContentSummary,
         repository: &Repository,
     ) -> Result<(), SpoolError> {
-        let destination = self.directory.join(key);
-        if destination.exists() {
-            return self.compare(&destination, key, content, repository);
+        self.remember_identity(repository).await;
+        if self.spool.exists_locally(key) {
+            return self.compare(key, content).await;
         }
         let size: u64 = object.iter().map(|part| part.len() as u64).sum();
-        let used = self.usage().bytes;
+        let used = self.refresh_usage().await?.bytes;
         if used + size > self.max_bytes {
             return Err(SpoolError::Full {
                 directory: self.directory.display().to_string(),
@@ -150,27 +180,24 @@ impl OutageSpool {
                 max: self.max_bytes >> 20,
             });
         }
-        match self.write_new(&destination, object) {
-            Ok(()) => Ok(()),
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
-                self.compare(&destination, key, content, repository)
-            }
+        match self.spool.put_encoded(key, object).await {
+            Ok(PutOutcome::Created) => Ok(()),
+            Ok(PutOutcome::AlreadyExists) => self.compare(key, content).await,
             Err(error) => Err(self.io_error(format!("writing {key} failed: {error}"))),
         }
     }
 
-    fn compare(
-        &self,
-        path: &Path,
-        key: &str,
-        content: &ContentSummary,
-        repository: &Repository,
-    ) -> Result<(), SpoolError> {
-        let header = self.authenticate(path, key, repository)?;
+    async fn compare(&self, key: &str, content: &ContentSummary) -> Result<(), SpoolError> {
+        let header = self
+            .spool
+            .authenticate_object(key)
+            .await
+            .map_err(|error| self.io_error(error))?
+            .ok_or_else(|| self.io_error(format!("{key} vanished while it was compared")))?;
         let spooled = if header.content.checksum.algorithm() == content.checksum.algorithm() {
             header.content
         } else {
-            self.summarize(path, key, content.checksum.algorithm(), repository)?
+            self.summarize(key, content.checksum.algorithm()).await?
         };
         if spooled == *content {
             return Ok(());
@@ -185,175 +212,107 @@ impl OutageSpool {
 
     /// The plaintext summary of a spooled object in `algorithm`: for an object spooled by an
     /// older pitr, whose header carries another checksum algorithm than this pitr computes.
-    fn summarize(
+    async fn summarize(
         &self,
-        path: &Path,
         key: &str,
         algorithm: envelope::ChecksumAlgorithm,
-        repository: &Repository,
     ) -> Result<ContentSummary, SpoolError> {
-        let file = std::fs::File::open(path)
-            .map_err(|error| self.io_error(format!("cannot read {key}: {error}")))?;
-        let mut sink = envelope::SummarySink::new(algorithm);
-        envelope::decode(
-            io::BufReader::new(file),
-            key,
-            repository.keyring(),
-            &mut sink,
-            envelope::DecodeMode::Alone,
-        )
-        .map_err(|error| self.io_error(error.to_string()))?;
+        let sink = envelope::SummarySink::new(algorithm);
+        let (_, sink) = self
+            .spool
+            .read_object(key, sink, DecodeMode::Alone)
+            .await
+            .map_err(|error| self.io_error(error))?
+            .ok_or_else(|| self.io_error(format!("{key} vanished while it was compared")))?;
         Ok(sink.summary())
     }
 
-    fn authenticate(
-        &self,
-        path: &Path,
-        key: &str,
-        repository: &Repository,
-    ) -> Result<Header, SpoolError> {
-        let file = std::fs::File::open(path)
-            .map_err(|error| self.io_error(format!("cannot read {key}: {error}")))?;
-        envelope::authenticate(io::BufReader::new(file), key, repository.keyring())
-            .map_err(|error| self.io_error(error.to_string()))
+    /// Whether the spool holds `name`, waiting for the repository.
+    pub fn holds(&self, name: &WalFileName) -> bool {
+        self.spool.exists_locally(&layout::wal(name))
     }
 
-    /// Temporary file, fsync, a hard link to the final name (which fails rather than replace
-    /// an existing file), then fsyncs of every directory that changed.
-    fn write_new(&self, destination: &Path, object: &[Bytes]) -> io::Result<()> {
-        use std::io::Write;
-        let directory = destination.parent().expect("a key has a directory");
-        self.create_directories(directory)?;
-        let mut pending = crate::durable::PendingFile::create(destination)?;
-        for part in object {
-            pending.write_all(part)?;
-        }
-        pending.link_into_place()
+    /// The spool as a repository, to read a spooled file from as from the main one; its
+    /// identity is the main repository's once `adopt_identity` or `remember_identity` ran.
+    pub fn repository(&self) -> &Repository {
+        &self.spool
     }
 
-    /// Creates `directory` and any parents inside the spool, fsyncing each new entry's parent.
-    fn create_directories(&self, directory: &Path) -> io::Result<()> {
-        if directory.is_dir() {
-            return Ok(());
-        }
-        let parent = directory.parent().expect("inside the spool");
-        if parent != self.directory && parent.starts_with(&self.directory) {
-            self.create_directories(parent)?;
-        } else {
-            std::fs::create_dir_all(parent)?;
-        }
-        match std::fs::create_dir(directory) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(error) => return Err(error),
-        }
-        crate::durable::sync_parent_directory(directory)
-    }
-
-    /// Whether the spool holds an object under `key`, waiting for the repository.
-    pub fn holds(&self, key: &str) -> bool {
-        self.directory.join(key).is_file()
-    }
-
-    /// Restores the spooled copy of `key` at `destination`, verified, as archive-get does
-    /// from the repository. False if the spool does not hold it.
-    pub fn restore(
-        &self,
-        key: &str,
-        repository: &Repository,
-        destination: &Path,
-    ) -> anyhow::Result<bool> {
-        let Ok(file) = std::fs::File::open(self.directory.join(key)) else {
-            return Ok(false);
-        };
-        let mut pending = crate::durable::PendingFile::create(destination)?;
-        envelope::decode(
-            io::BufReader::new(file),
-            key,
-            repository.keyring(),
-            &mut pending,
-            envelope::DecodeMode::Alone,
-        )
-        .map_err(|error| {
-            anyhow::anyhow!("the spooled copy in {}: {error}", self.directory.display())
-        })?;
-        pending.commit()?;
-        Ok(true)
-    }
-
-    fn objects(&self) -> Vec<SpooledObject> {
-        let wal = self.directory.join(crate::repository::WAL_PREFIX);
-        let mut objects = Vec::new();
-        for timeline in std::fs::read_dir(&wal).into_iter().flatten().flatten() {
-            let Ok(timeline_name) = timeline.file_name().into_string() else {
-                continue;
-            };
-            for entry in std::fs::read_dir(timeline.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let Ok(name) = entry.file_name().into_string() else {
-                    continue;
-                };
-                // Dot files are writes in progress.
-                if name.starts_with('.') {
-                    continue;
-                }
-                objects.push(SpooledObject {
-                    key: format!("{}/{timeline_name}/{name}", crate::repository::WAL_PREFIX),
-                    path: entry.path(),
-                });
-            }
-        }
-        // Histories first, then in WAL order, the order Postgres archived them.
-        objects.sort_by_key(|object| (!object.key.ends_with(".history"), object.key.clone()));
+    /// The spooled WAL files, histories first, then in WAL order, the order Postgres archived
+    /// them; with their sizes.
+    async fn objects(&self) -> Result<Vec<(WalFileName, u64)>, SpoolError> {
+        let listed = self
+            .spool
+            .list(WAL_PREFIX)
+            .await
+            .map_err(|error| self.io_error(error))?;
+        let mut objects: Vec<(WalFileName, u64)> = listed
+            .iter()
+            .filter_map(|object| {
+                layout::ObjectKey::wal_file(&object.key).map(|name| (name, object.size))
+            })
+            .collect();
         objects
+            .sort_by_key(|(name, _)| (!matches!(name, WalFileName::History(_)), name.to_string()));
+        Ok(objects)
     }
 
+    /// What the spool held when it was last listed; see `refresh_usage`.
     pub fn usage(&self) -> SpoolUsage {
-        let objects = self.objects();
-        SpoolUsage {
+        self.last_usage.lock().unwrap().clone()
+    }
+
+    /// Lists the spool and returns what it holds now (also for `usage`).
+    pub async fn refresh_usage(&self) -> Result<SpoolUsage, SpoolError> {
+        let objects = self.objects().await?;
+        let usage = SpoolUsage {
             directory: self.directory.display().to_string(),
             objects: objects.len(),
-            bytes: objects
-                .iter()
-                .filter_map(|object| std::fs::metadata(&object.path).ok())
-                .map(|metadata| metadata.len())
-                .sum(),
+            bytes: objects.iter().map(|(_, size)| size).sum(),
             max_bytes: self.max_bytes,
-            oldest: objects.first().map(|object| file_name_of(&object.key)),
-        }
+            oldest: objects.first().map(|(name, _)| name.to_string()),
+        };
+        *self.last_usage.lock().unwrap() = usage.clone();
+        Ok(usage)
     }
 
     /// Moves up to `limit` spooled objects into the repository; returns how many. Stops at the
     /// first that fails: the store is likely still down, and the rest waits for the next try.
     pub async fn drain(&self, repository: &Repository, limit: usize) -> anyhow::Result<usize> {
         let mut moved = 0;
-        for object in self.objects().into_iter().take(limit) {
-            self.move_to_repository(&object, repository).await?;
+        let objects = self.objects().await?;
+        if !objects.is_empty() {
+            // The spool reads its objects as the repository's: with the repository's identity.
+            repository.require_identity().await?;
+            self.remember_identity(repository).await;
+        }
+        for (name, _) in objects.into_iter().take(limit) {
+            self.move_to_repository(&name, repository).await?;
             moved += 1;
         }
+        self.refresh_usage().await?;
         Ok(moved)
     }
 
     async fn move_to_repository(
         &self,
-        object: &SpooledObject,
+        name: &WalFileName,
         repository: &Repository,
     ) -> anyhow::Result<()> {
-        let key = &object.key;
-        let bytes = Bytes::from(std::fs::read(&object.path)?);
-        let header = envelope::authenticate(&bytes[..], key, repository.keyring()).map_err(
-            |error| {
-                anyhow::anyhow!(
-                    "the spooled copy of {key} in {} cannot be verified ({error}); it was kept: it may be the only copy of that WAL",
-                    self.directory.display()
-                )
-            },
-        )?;
-        if repository.put_encoded(key, bytes.clone()).await? == PutOutcome::AlreadyExists {
-            let stored = match repository.authenticate_object(key).await {
+        let key = layout::wal(name);
+        let kept = |error: &dyn std::fmt::Display| {
+            anyhow::anyhow!(
+                "the spooled copy of {key} in {} cannot be verified ({error}); it was kept: it may be the only copy of that WAL",
+                self.directory.display()
+            )
+        };
+        let (header, bytes) = match self.spool.read_encoded(&key).await {
+            Ok(Some(read)) => read,
+            Ok(None) => return Ok(()),
+            Err(error) => return Err(kept(&error)),
+        };
+        if repository.put_encoded(&key, vec![bytes.clone()]).await? == PutOutcome::AlreadyExists {
+            let stored = match repository.authenticate_object(&key).await {
                 // A torn or planted object under this name must not keep the spool full for
                 // ever: the spooled copy, just authenticated, takes its place.
                 Err(RepositoryError::Envelope(error)) if error.is_damaged_object() => {
@@ -361,10 +320,10 @@ impl OutageSpool {
                         key,
                         "the stored copy failed verification ({error}); replacing it with the spooled copy"
                     );
-                    if repository.replace_damaged_with(key, vec![bytes]).await? {
+                    if repository.replace_damaged_with(&key, vec![bytes]).await? {
                         Some(header.clone())
                     } else {
-                        repository.authenticate_object(key).await?
+                        repository.authenticate_object(&key).await?
                     }
                 }
                 other => other?,
@@ -376,8 +335,7 @@ impl OutageSpool {
                 );
             }
         }
-        std::fs::remove_file(&object.path)?;
-        crate::durable::sync_parent_directory(&object.path)?;
+        self.spool.remove(&key).await?;
         tracing::info!(key, "moved from the outage spool into the repository");
         Ok(())
     }
@@ -403,21 +361,30 @@ pub fn is_outage(error: &anyhow::Error) -> bool {
 mod tests {
     use super::*;
     use crate::config::GlobalOptions;
+    use std::path::Path;
+    use std::time::Duration;
 
     const MIB: usize = 1 << 20;
 
-    fn spool_and_repository(root: &Path, max_bytes: u64) -> (OutageSpool, Repository) {
+    /// A spool beside a repository whose identity is known, as after a push that reached it.
+    async fn spool_and_repository(root: &Path, max_bytes: u64) -> (OutageSpool, Repository) {
         let options = GlobalOptions {
             repo: Some(format!("file://{}", root.join("repo").display())),
             ..Default::default()
         };
-        let settings = Settings::resolve(&options).unwrap();
-        let spool = OutageSpool {
-            directory: root.join("spool"),
-            max_bytes,
-            identity_remembered: std::sync::OnceLock::new(),
-        };
-        (spool, Repository::open(&settings).unwrap())
+        let mut settings = Settings::resolve(&options).unwrap();
+        settings.outage_spool = Some(root.join("spool"));
+        settings.outage_spool_max_bytes = max_bytes;
+        let repository = Repository::open(&settings).unwrap();
+        let identity = crate::repository::Identity::new(
+            crate::wal::SystemIdentifier(7),
+            crate::wal::PgVersion(15),
+            crate::wal::WalSegmentSize(16 << 20),
+            None,
+        );
+        repository.ensure_identity(&identity).await.unwrap();
+        let spool = OutageSpool::open(&settings, None).unwrap().unwrap();
+        (spool, repository)
     }
 
     fn object_of(length: usize, fill: u8) -> (Vec<Bytes>, ContentSummary) {
@@ -426,10 +393,10 @@ mod tests {
         (vec![Bytes::from(bytes)], content)
     }
 
-    #[test]
-    fn an_object_spooled_by_an_older_pitr_is_compared_by_its_plaintext() {
+    #[tokio::test]
+    async fn an_object_spooled_by_an_older_pitr_is_compared_by_its_plaintext() {
         let root = tempfile::tempdir().unwrap();
-        let (spool, repository) = spool_and_repository(root.path(), 64 * MIB as u64);
+        let (spool, repository) = spool_and_repository(root.path(), 64 * MIB as u64).await;
         let key = "wal/00000001/000000010000000000000001";
         let plaintext = vec![5u8; MIB];
         // A v1 object (BLAKE3 checksum), as pitr wrote before format v2.
@@ -445,7 +412,13 @@ mod tests {
         )
         .unwrap();
         spool
-            .store(key, &[Bytes::from(old_object)], &old_content, &repository)
+            .store(
+                key,
+                vec![Bytes::from(old_object)],
+                &old_content,
+                &repository,
+            )
+            .await
             .unwrap();
         // The same segment pushed again by this pitr, which summarizes it in XXH3.
         let (object, content) = encoded(&plaintext, key, &repository);
@@ -453,13 +426,17 @@ mod tests {
             content.checksum.algorithm(),
             old_content.checksum.algorithm()
         );
-        spool.store(key, &object, &content, &repository).unwrap();
+        spool
+            .store(key, object, &content, &repository)
+            .await
+            .unwrap();
         // A different segment under that name is still refused.
         let mut different = plaintext.clone();
         different[100] = 6;
         let (object, content) = encoded(&different, key, &repository);
         let error = spool
-            .store(key, &object, &content, &repository)
+            .store(key, object, &content, &repository)
+            .await
             .unwrap_err();
         assert!(
             matches!(error, SpoolError::Different { .. }),
@@ -482,27 +459,29 @@ mod tests {
         (parts, content)
     }
 
-    #[test]
-    fn a_full_spool_refuses_the_next_object_and_writes_nothing_of_it() {
+    #[tokio::test]
+    async fn a_full_spool_refuses_the_next_object_and_writes_nothing_of_it() {
         let root = tempfile::tempdir().unwrap();
-        let (spool, repository) = spool_and_repository(root.path(), 3 * MIB as u64);
+        let (spool, repository) = spool_and_repository(root.path(), 3 * MIB as u64).await;
         let (first, first_content) = object_of(2 * MIB, 1);
         spool
             .store(
                 "wal/00000001/000000010000000000000001",
-                &first,
+                first,
                 &first_content,
                 &repository,
             )
+            .await
             .unwrap();
         let (second, second_content) = object_of(2 * MIB, 2);
         let error = spool
             .store(
                 "wal/00000001/000000010000000000000002",
-                &second,
+                second,
                 &second_content,
                 &repository,
             )
+            .await
             .unwrap_err();
         assert_eq!(
             error.to_string(),
@@ -516,8 +495,59 @@ mod tests {
             .map(|entry| entry.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(entries, ["000000010000000000000001"]);
-        let usage = spool.usage();
+        let usage = spool.refresh_usage().await.unwrap();
         assert_eq!((usage.objects, usage.bytes), (1, 2 * MIB as u64));
         assert_eq!(usage.oldest.as_deref(), Some("000000010000000000000001"));
+    }
+
+    /// The spool is a repository of its own with the main one's layout and identity: what a
+    /// hook spools can be listed, verified and read back through the repository code alone,
+    /// and a hook that cannot reach the store takes the identity from the spool's copy, but
+    /// only for the repository that copy came from.
+    #[tokio::test]
+    async fn the_spool_is_a_repository_with_the_same_layout_and_identity() {
+        let root = tempfile::tempdir().unwrap();
+        let (spool, repository) = spool_and_repository(root.path(), 64 * MIB as u64).await;
+        let name: WalFileName = "000000010000000000000003".parse().unwrap();
+        let key = layout::wal(&name);
+        let plaintext = vec![9u8; MIB];
+        let (object, content) = encoded(&plaintext, &key, &repository);
+        spool
+            .store(&key, object, &content, &repository)
+            .await
+            .unwrap();
+        assert!(spool.holds(&name));
+
+        let reopened =
+            Repository::open_local(&root.path().join("spool"), None, Duration::from_secs(5))
+                .unwrap();
+        assert_eq!(
+            reopened.require_identity().await.unwrap(),
+            repository.require_identity().await.unwrap()
+        );
+        assert_eq!(reopened.list_wal(WAL_PREFIX).await.unwrap(), vec![name]);
+        assert_eq!(reopened.read_bytes(&key).await.unwrap(), Some(plaintext));
+
+        // A later process that cannot reach the store adopts the spool's copy of the identity.
+        let mut settings = Settings::resolve(&GlobalOptions {
+            repo: Some(format!("file://{}", root.path().join("repo").display())),
+            ..Default::default()
+        })
+        .unwrap();
+        settings.outage_spool = Some(root.path().join("spool"));
+        let later = Repository::open(&settings).unwrap();
+        let later_spool = OutageSpool::open(&settings, None).unwrap().unwrap();
+        later_spool.adopt_identity(&later, "x").await.unwrap();
+        assert_eq!(later.known_identity(), repository.known_identity());
+
+        // Another repository's hooks find no copy for them there.
+        settings.repo = Some(format!("file://{}", root.path().join("other").display()));
+        let other = Repository::open(&settings).unwrap();
+        let error = later_spool
+            .adopt_identity(&other, "000000010000000000000004")
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SpoolError::NoIdentity(..)), "{error}");
+        assert!(other.known_identity().is_none());
     }
 }

@@ -69,14 +69,14 @@ pub struct PrefetchSettings {
     pub outage_spool: Option<OutageSpool>,
 }
 
-impl From<&Settings> for PrefetchSettings {
-    fn from(settings: &Settings) -> Self {
+impl PrefetchSettings {
+    pub fn new(settings: &Settings, outage_spool: Option<OutageSpool>) -> Self {
         PrefetchSettings {
             pgdata: settings.pgdata.clone(),
             depth: settings.prefetch_segments,
             max_bytes: settings.prefetch_max_bytes,
             concurrency: settings.archive_concurrency,
-            outage_spool: OutageSpool::open(settings),
+            outage_spool,
         }
     }
 }

@@ -128,7 +128,7 @@ pub async fn push(
     };
     match pushed {
         Ok(outcome) => {
-            spool.remember_identity(repository);
+            spool.remember_identity(repository).await;
             Ok(outcome)
         }
         Err(error) if outage_spool::is_outage(&error) => {
@@ -155,7 +155,7 @@ async fn push_to_spool(
     let identity = match repository.known_identity() {
         Some(identity) => identity.clone(),
         None => {
-            spool.adopt_identity(repository, &file_name)?;
+            spool.adopt_identity(repository, &file_name).await?;
             repository.require_identity().await?
         }
     };
@@ -172,7 +172,7 @@ async fn push_to_spool(
     })
     .await?
     .with_context(|| format!("cannot read {}", file.path.display()))?;
-    spool.store(&key, &object, &content, repository)?;
+    spool.store(&key, object, &content, repository).await?;
     Ok(())
 }
 

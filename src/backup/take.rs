@@ -500,7 +500,7 @@ async fn store_chunk(
                 Err(error) => return Err(error.into()),
             }
             tracing::warn!(chunk = %key, "replacing a damaged chunk that no backup references");
-            shared.repository.remove_unreferenced(&key).await?;
+            shared.repository.remove(&key).await?;
             if put(chunk).await? != PutOutcome::Created {
                 bail!(
                     "chunk {key} was damaged and could not be replaced; check that no other backup of this cluster is running, then retry"

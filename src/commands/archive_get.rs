@@ -28,15 +28,15 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
         return Ok(outcome);
     }
     let repository = Arc::new(Repository::open(settings)?);
-    let outage_spool = OutageSpool::open(settings);
+    let outage_spool = OutageSpool::open(settings, repository.keyring())?;
     let held_by_outage_spool =
-        adopt_outage_spool_identity(outage_spool.as_ref(), &repository, &name);
+        adopt_outage_spool_identity(outage_spool.as_ref(), &repository, &name).await;
     if settings.prefetch_segments == 0 || held_by_outage_spool {
         check_cluster(&settings.pgdata, &repository, wal_file).await?;
         return fetch_or_spooled(outage_spool.as_ref(), &repository, &name, &destination).await;
     }
     let prefetcher = Prefetcher::new(
-        &PrefetchSettings::from(settings),
+        &PrefetchSettings::new(settings, outage_spool.clone()),
         Arc::clone(&repository),
         PrefetchCounters::default(),
     );
@@ -73,8 +73,9 @@ pub async fn run(settings: &Settings, wal_file: &str, destination: &Path) -> Res
 pub async fn prefetch_worker(settings: &Settings, segment: &str) -> Result<()> {
     let segment: SegmentName = segment.parse()?;
     let repository = Arc::new(Repository::open(settings)?);
+    let outage_spool = OutageSpool::open(settings, repository.keyring())?;
     let prefetcher = Prefetcher::new(
-        &PrefetchSettings::from(settings),
+        &PrefetchSettings::new(settings, outage_spool),
         Arc::clone(&repository),
         PrefetchCounters::default(),
     );

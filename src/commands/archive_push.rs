@@ -24,7 +24,7 @@ pub async fn run(settings: &Settings, path: &Path, force: bool) -> Result<PushOu
         return Ok(outcome);
     }
     let repository = Repository::open(settings)?;
-    let spool = OutageSpool::open(settings);
+    let spool = OutageSpool::open(settings, repository.keyring())?;
     let outcome = push(
         &repository,
         &file,

@@ -97,6 +97,7 @@ impl Archiver {
     pub fn new(
         settings: &Settings,
         repository: Arc<Repository>,
+        spool: Option<OutageSpool>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let mut options = settings.wal_encode_options();
@@ -116,7 +117,7 @@ impl Archiver {
             )),
             memory: Arc::new(Semaphore::new(UPLOAD_MEMORY_MIB as usize)),
             started: Instant::now(),
-            spool: OutageSpool::open(settings).map(Arc::new),
+            spool: spool.map(Arc::new),
             draining: Arc::default(),
         })
     }
@@ -376,14 +377,23 @@ impl Archiver {
         let Some(spool) = self.spool.clone() else {
             return;
         };
-        if spool.usage().objects == 0 || self.draining.swap(true, Ordering::SeqCst) {
+        if self.draining.swap(true, Ordering::SeqCst) {
             return;
         }
         let archiver = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(error) = spool
-                .drain(&archiver.repository, SPOOL_OBJECTS_PER_RESCAN)
-                .await
+            // Listing a local directory is cheap; it also refreshes what /status reports.
+            let waiting = match spool.refresh_usage().await {
+                Ok(usage) => usage.objects,
+                Err(error) => {
+                    tracing::warn!("cannot list the outage spool: {error}");
+                    0
+                }
+            };
+            if waiting > 0
+                && let Err(error) = spool
+                    .drain(&archiver.repository, SPOOL_OBJECTS_PER_RESCAN)
+                    .await
             {
                 tracing::debug!("the outage spool waits for the store: {error:#}");
             }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::archive::outage_spool::OutageSpool;
 use crate::archive::prefetch::{PrefetchCounters, PrefetchSettings, Prefetcher};
 use crate::config::Settings;
 use crate::repository::Repository;
@@ -109,7 +110,13 @@ pub async fn run(settings: Settings) -> Result<()> {
     limit_malloc_arenas();
     let repository = Arc::new(Repository::open(&settings)?);
     let metrics = Arc::new(Metrics::new());
-    let archiver = Archiver::new(&settings, Arc::clone(&repository), Arc::clone(&metrics));
+    let outage_spool = OutageSpool::open(&settings, repository.keyring())?;
+    let archiver = Archiver::new(
+        &settings,
+        Arc::clone(&repository),
+        outage_spool.clone(),
+        Arc::clone(&metrics),
+    );
     match archiver.load_repository_listing().await {
         Ok(count) => {
             tracing::info!(objects = count, repository = %repository.url, "repository listed")
@@ -141,7 +148,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         misses: metrics.prefetch_misses.clone(),
     };
     let prefetcher = Prefetcher::new(
-        &PrefetchSettings::from(&settings),
+        &PrefetchSettings::new(&settings, outage_spool),
         Arc::clone(&repository),
         counters,
     );

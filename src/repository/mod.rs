@@ -46,10 +46,13 @@ pub struct Identity {
     pub created: String,
 }
 
-/// A local copy of a repository's identity, naming the repository it came from.
+/// A copy of a repository's identity kept elsewhere (the outage spool, the prefetch spool),
+/// naming the repository it came from. Flat, so that it also reads as a plain `Identity`: the
+/// outage spool is itself a repository, and this is its identity object.
 #[derive(Serialize, Deserialize)]
 struct IdentityCopy {
     url: String,
+    #[serde(flatten)]
     identity: Identity,
 }
 
@@ -186,6 +189,33 @@ impl Repository {
         Self::over(Arc::new(storage), "memory:///", keyring)
     }
 
+    /// A repository in a local directory, with `keyring`: the outage spool, which keeps the
+    /// main repository's objects under the same keys while its store cannot be reached. The
+    /// directory is created if missing.
+    pub fn open_local(
+        directory: &FsPath,
+        keyring: Option<Keyring>,
+        timeout: Duration,
+    ) -> Result<Self, RepositoryError> {
+        let absolute = std::path::absolute(directory).map_err(|error| {
+            RepositoryError::Config(format!("cannot resolve {}: {error}", directory.display()))
+        })?;
+        let url = url::Url::from_directory_path(&absolute).map_err(|()| {
+            RepositoryError::Config(format!(
+                "{} is not a usable directory path",
+                directory.display()
+            ))
+        })?;
+        let config = storage::StoreConfig {
+            timeout,
+            options: Default::default(),
+            instance_metadata: false,
+        };
+        let storage = ObjectStorage::open(url.as_str(), &config)
+            .map_err(|error| RepositoryError::Config(error.to_string()))?;
+        Ok(Self::over(Arc::new(storage), url.as_str(), keyring))
+    }
+
     /// Checks that the store answers, bypassing the cached identity.
     pub async fn probe(&self) -> Result<(), RepositoryError> {
         self.get_bytes(IDENTITY_KEY).await.map(|_| ())
@@ -290,6 +320,59 @@ impl Repository {
         }
     }
 
+    /// Keeps this repository's identity, with its URL, as the identity object of `mirror` (the
+    /// outage spool, a repository with the same layout on a local disk), for processes that
+    /// cannot reach this repository's store. Written through the storage contract like every
+    /// object: create-only, or a conditional update of a copy that differs (another
+    /// repository's, or an older pitr's). `mirror` adopts the identity too. Does nothing while
+    /// this repository's identity is unknown.
+    pub async fn keep_identity_in(&self, mirror: &Repository) -> Result<(), RepositoryError> {
+        let Some(identity) = self.known_identity() else {
+            return Ok(());
+        };
+        let copy = IdentityCopy {
+            url: self.url.clone(),
+            identity: identity.clone(),
+        };
+        let bytes =
+            Bytes::from(serde_json::to_vec_pretty(&copy).expect("an identity always serializes"));
+        let written = match mirror.storage.get_bytes_versioned(IDENTITY_KEY).await {
+            Ok((existing, _)) if existing == bytes => Ok(()),
+            Ok((_, version)) => {
+                mirror
+                    .storage
+                    .update(IDENTITY_KEY, vec![bytes], &version)
+                    .await
+            }
+            Err(StorageError::NotFound) => mirror
+                .storage
+                .put_create(IDENTITY_KEY, vec![bytes], Durability::Immediate)
+                .await
+                .map(|_| ()),
+            Err(error) => Err(error),
+        };
+        written.map_err(|error| mirror.failed(&format!("writing {IDENTITY_KEY}"), error))?;
+        mirror.adopt_identity(identity.clone())
+    }
+
+    /// Adopts the identity `keep_identity_in` left in `mirror`, with the checks of
+    /// `adopt_identity` (whose refusal is the error), and makes `mirror` use it too. False if
+    /// `mirror` holds no usable copy (none, another repository's, one it cannot parse).
+    pub async fn adopt_identity_from(&self, mirror: &Repository) -> Result<bool, RepositoryError> {
+        let Some(bytes) = mirror.get_bytes(IDENTITY_KEY).await? else {
+            return Ok(false);
+        };
+        let copy = serde_json::from_slice::<IdentityCopy>(&bytes)
+            .ok()
+            .filter(|copy| copy.url == self.url);
+        let Some(copy) = copy else {
+            return Ok(false);
+        };
+        self.adopt_identity(copy.identity.clone())?;
+        mirror.adopt_identity(copy.identity)?;
+        Ok(true)
+    }
+
     /// The identity this process has read or adopted, if any; never asks the store.
     pub fn known_identity(&self) -> Option<&Identity> {
         self.identity.get()
@@ -312,6 +395,8 @@ impl Repository {
         let bytes = serde_json::to_vec_pretty(expected).expect("an identity always serializes");
         match self.put_raw(IDENTITY_KEY, vec![Bytes::from(bytes)]).await? {
             PutOutcome::Created => {
+                // This process wrote it: it is the identity from now on.
+                let _ = self.identity.set(expected.clone());
                 if expected.encryption.is_none() {
                     tracing::warn!(repository = %self.url, "repository created WITHOUT encryption: objects are compressed and checksummed but readable by anyone with storage access; create a keyring with `pitr keygen` and set PITR_KEY_FILE");
                 }
@@ -435,9 +520,9 @@ impl Repository {
     pub async fn put_encoded(
         &self,
         key: &str,
-        object: Bytes,
+        object: Vec<Bytes>,
     ) -> Result<PutOutcome, RepositoryError> {
-        self.put_raw(key, vec![object]).await
+        self.put_raw(key, object).await
     }
 
     /// Encodes bytes held in memory (a manifest, an index entry) and stores them create-only
@@ -489,10 +574,10 @@ impl Repository {
             })
     }
 
-    /// Removes an object no manifest references, such as a damaged chunk an interrupted backup
-    /// left behind. Callers must have proved it unreferenced: the repository never deletes on
-    /// its own.
-    pub async fn remove_unreferenced(&self, key: &str) -> Result<(), RepositoryError> {
+    /// Removes an object nothing needs any more: a damaged chunk no manifest references, which
+    /// an interrupted backup left behind, or a spooled object the repository now holds. Callers
+    /// must have proved that: the repository never deletes on its own.
+    pub async fn remove(&self, key: &str) -> Result<(), RepositoryError> {
         self.storage
             .delete(key)
             .await
@@ -620,6 +705,27 @@ impl Repository {
             .read_object(key, Vec::new(), DecodeMode::Alone)
             .await?
             .map(|(_, bytes)| bytes))
+    }
+
+    /// An object as stored (its envelope), authenticated but not decoded, to store elsewhere
+    /// as it is (the outage spool's objects, moved into the repository); `None` if absent.
+    /// Objects are whole segments at most, so memory stays bounded.
+    pub async fn read_encoded(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Header, Bytes)>, RepositoryError> {
+        self.require_identity().await?;
+        let Some(bytes) = self.get_bytes(key).await? else {
+            return Ok(None);
+        };
+        let (key_owned, keyring, object) = (key.to_string(), self.keyring.clone(), bytes.clone());
+        let header = tokio::task::spawn_blocking(move || {
+            envelope::authenticate(&object[..], &key_owned, keyring.as_ref())
+        })
+        .await
+        .expect("the verification task does not panic")
+        .map_err(RepositoryError::Envelope)?;
+        Ok(Some((header, bytes)))
     }
 
     /// Stores already-encoded bytes create-only, and makes them durable.

@@ -15,7 +15,7 @@ LAYERS = [
     ["envelope"],
     ["config", "storage"],
     ["postgres", "repository"],
-    ["archive", "backup", "restore"],
+    ["archive", "backup", "restore", "expire"],
     ["daemon"],
     ["commands"],
     ["main"],

@@ -138,10 +138,42 @@ pub struct GlobalOptions {
     )]
     #[serde(deserialize_with = "scalar_as_text")]
     pub pg_url: Option<String>,
+    /// Keep every instant of this recent past restorable, e.g. 14d, 36h, 2w [default: none].
+    #[arg(
+        long,
+        env = "PITR_RETENTION_WINDOW",
+        global = true,
+        value_name = "DURATION"
+    )]
+    #[serde(deserialize_with = "scalar_as_text")]
+    pub retention_window: Option<String>,
+    /// Never keep fewer complete backups than this [default: 1].
+    #[arg(
+        long,
+        env = "PITR_RETENTION_MIN_BACKUPS",
+        global = true,
+        value_name = "N"
+    )]
+    #[serde(deserialize_with = "scalar_as_text")]
+    pub retention_min_backups: Option<String>,
+    /// Also keep this many newest backups, and the WAL after the oldest of them [default: none].
+    #[arg(long, env = "PITR_RETENTION_BACKUPS", global = true, value_name = "N")]
+    #[serde(deserialize_with = "scalar_as_text")]
+    pub retention_backups: Option<String>,
     /// Extra object_store options, e.g. `aws_endpoint = "http://127.0.0.1:9000"`; only in the
     /// file's `[store]` table.
     #[arg(skip)]
     pub store: BTreeMap<String, String>,
+}
+
+/// What expire keeps: every instant of `window` restorable, the newest `backups` backups with
+/// the WAL after them, and never fewer than `min_backups` backups. With neither a window nor a
+/// count, expire refuses to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    pub window: Option<Duration>,
+    pub min_backups: usize,
+    pub backups: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +214,8 @@ pub struct Settings {
     pub http_token: Option<String>,
     pub max_archive_lag: Duration,
     pub pg_url: Option<String>,
+    /// What `pitr expire` keeps.
+    pub retention: RetentionPolicy,
     /// The configuration file these settings came from, made absolute, so that commands this
     /// one writes (restore_command) or starts (the prefetch worker) read the same file.
     pub config_file: Option<PathBuf>,
@@ -291,7 +325,9 @@ impl Settings {
             ))
         })?;
         let pgdata = options.pgdata.clone().unwrap_or_else(|| PathBuf::from("."));
+        let retention = retention_policy(options)?;
         Ok(Settings {
+            retention,
             socket: options
                 .socket
                 .clone()
@@ -415,6 +451,47 @@ fn read_file(path: &Path) -> Result<GlobalOptions, ConfigError> {
             path.display(),
             error.message()
         ))
+    })
+}
+
+fn retention_policy(options: &GlobalOptions) -> Result<RetentionPolicy, ConfigError> {
+    let window = match options.retention_window.as_deref().map(str::trim) {
+        None => None,
+        Some(text) => {
+            let window = humantime::parse_duration(text).map_err(|error| {
+                ConfigError::BadValue(format!(
+                    "retention window (PITR_RETENTION_WINDOW) '{text}' is not a duration ({error}): give a number and a unit, such as 14d, 36h or 2w"
+                ))
+            })?;
+            if window < Duration::from_secs(1) {
+                return Err(ConfigError::BadValue(format!(
+                    "retention window (PITR_RETENTION_WINDOW) '{text}' is shorter than a second: give the span that must stay restorable, such as 14d"
+                )));
+            }
+            Some(window)
+        }
+    };
+    let min_backups = pick_number(
+        "minimum backups (PITR_RETENTION_MIN_BACKUPS)",
+        options.retention_min_backups.as_deref(),
+        1,
+        1..=100_000,
+        "choose 1 or more",
+    )? as usize;
+    let backups = match options.retention_backups.as_deref() {
+        None => None,
+        Some(text) => Some(pick_number(
+            "retention backups (PITR_RETENTION_BACKUPS)",
+            Some(text),
+            1,
+            1..=100_000,
+            "choose 1 or more backups to keep",
+        )? as usize),
+    };
+    Ok(RetentionPolicy {
+        window,
+        min_backups,
+        backups,
     })
 }
 

@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod durable;
 pub mod envelope;
+pub mod expire;
 pub mod keyring;
 pub mod postgres;
 pub mod progress;

@@ -148,6 +148,20 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
+    /// Delete backups, WAL and chunks the retention policy no longer needs.
+    #[command(
+        after_help = "Examples:\n  pitr expire --retention-window 14d --dry-run\n  PITR_RETENTION_WINDOW=14d PITR_RETENTION_MIN_BACKUPS=2 pitr expire\n  pitr expire --retention-backups 7 --output json\n\nThe window keeps every instant of its span restorable: the newest backup that ended before it began, every later backup, and the WAL from that backup on, per timeline. Expire refuses to run without a policy, and while the window has a gap in its WAL (--allow-gap expires around it). History files are never deleted."
+    )]
+    Expire {
+        /// List what would be deleted and the earliest recovery point after it; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Expire even though the WAL of the window has a gap (what lies after it stays).
+        #[arg(long)]
+        allow_gap: bool,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
     /// Internal: fill the prefetch spool after a segment (started by archive-get).
     #[command(hide = true)]
     PrefetchWorker { segment: String },
@@ -350,6 +364,37 @@ async fn run(
                 .await
                 .map(|_| ExitCode::SUCCESS)
         }
+        Command::Expire {
+            dry_run,
+            allow_gap,
+            output,
+        } => {
+            let repository = pitr::repository::Repository::open(settings)?;
+            let options = pitr::expire::run::ExpireOptions {
+                dry_run: *dry_run,
+                allow_gap: *allow_gap,
+            };
+            let report = pitr::expire::run::run(
+                &repository,
+                &settings.retention,
+                chrono::Utc::now(),
+                options,
+            )
+            .await?;
+            match output {
+                OutputFormat::Table => {
+                    for id in &report.plan.expired_backups {
+                        println!("backup {id}");
+                    }
+                    if let Some(reason) = &report.chunks_skipped {
+                        println!("{reason}");
+                    }
+                    println!("{}", pitr::expire::run::describe(&report));
+                }
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::List { output } => {
             let listing = pitr::commands::list::collect(settings).await?;
             match output {
@@ -404,6 +449,7 @@ fn fail(command: &Command, error: &anyhow::Error) -> ExitCode {
         Command::Backup { .. } => "backup",
         Command::Restore { .. } => "restore",
         Command::List { .. } => "list",
+        Command::Expire { .. } => "expire",
         Command::Wal {
             command: WalCommand::List { .. },
         } => "wal list",

@@ -89,6 +89,7 @@ async fn conformance(name: &str, storage: &dyn Storage) {
     missing_objects_are_not_found(name, storage).await;
     listing_is_by_whole_segments_sorted_and_relative(name, storage).await;
     delete_is_idempotent(name, storage).await;
+    delete_many_removes_every_key(name, storage).await;
     conditional_update_checks_the_version(name, storage).await;
     durability_calls_succeed(name, storage).await;
     a_dropped_write_leaves_nothing_partial(name, storage).await;
@@ -230,6 +231,43 @@ async fn delete_is_idempotent(name: &str, storage: &dyn Storage) {
         PutOutcome::Created,
         "{name}: the name is free after delete"
     );
+}
+
+/// More keys than one S3 DeleteObjects request takes, some of them never stored.
+async fn delete_many_removes_every_key(name: &str, storage: &dyn Storage) {
+    let stored: Vec<String> = (0..1_005).map(|index| format!("many/{index:05}")).collect();
+    futures::future::join_all(
+        stored
+            .iter()
+            .map(|key| storage.put_create(key, parts(key.as_bytes()), Durability::Deferred)),
+    )
+    .await
+    .into_iter()
+    .for_each(|outcome| assert_eq!(outcome.unwrap(), PutOutcome::Created, "{name}"));
+    storage
+        .put_create("many-kept", parts(b"kept"), Durability::Immediate)
+        .await
+        .unwrap();
+    let mut doomed = stored.clone();
+    doomed.push("many/never-stored".to_string());
+    storage
+        .delete_many(doomed.clone())
+        .await
+        .unwrap_or_else(|error| panic!("{name}: delete_many: {error}"));
+    assert!(
+        keys(storage, "many").await.is_empty(),
+        "{name}: listed after delete_many"
+    );
+    assert_eq!(
+        keys(storage, "many-kept").await,
+        ["many-kept"],
+        "{name}: a key not named stays"
+    );
+    storage
+        .delete_many(doomed)
+        .await
+        .unwrap_or_else(|error| panic!("{name}: a second delete_many: {error}"));
+    storage.delete("many-kept").await.unwrap();
 }
 
 async fn conditional_update_checks_the_version(name: &str, storage: &dyn Storage) {
@@ -442,6 +480,19 @@ async fn gcs_on_fake_gcs_server() {
         Err(StorageError::NotFound)
     ));
     storage.delete("delete/me").await.unwrap();
+    storage
+        .delete_many(vec![
+            "list/a/1".to_string(),
+            "list/b".to_string(),
+            "list/none".to_string(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        keys(&storage, "list").await,
+        ["list/a/2", "list/ab/3"],
+        "{name}: delete_many"
+    );
 }
 
 /// A closed port is a transient failure within the timeout, for every remote scheme.

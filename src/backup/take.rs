@@ -24,6 +24,7 @@ use super::{
 };
 use crate::config::Settings;
 use crate::envelope::EncodeOptions;
+use crate::repository::layout::MarkerKind;
 use crate::repository::{
     Durability, Identity, PutOutcome, Repository, RepositoryError, check_same_cluster,
 };
@@ -60,7 +61,7 @@ pub struct BackupOptions {
 }
 
 struct Shared {
-    repository: Repository,
+    repository: Arc<Repository>,
     encode: EncodeOptions,
     known_chunks: HashSet<ChunkId>,
     claimed_chunks: Mutex<HashSet<ChunkId>>,
@@ -79,8 +80,63 @@ struct Shared {
     in_flight: usize,
 }
 
+/// How long a backup waits for a running expire to finish before it gives up.
+const EXPIRE_WAIT: Duration = Duration::from_secs(600);
+
+/// Takes a backup. While it runs, its marker (`locks/backup/<name>`) tells expire to leave
+/// chunks alone: this backup may reuse any chunk the catalog showed it. The marker is written
+/// before the catalog is read, after any running expire has finished (see `expire`).
 pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifest> {
-    let repository = Repository::open(settings)?;
+    let repository = Arc::new(Repository::open(settings)?);
+    let marker = backup_marker_name()?;
+    let taken = take(settings, options, &repository, &marker).await;
+    if let Err(error) = repository.remove_marker(MarkerKind::Backup, &marker).await {
+        tracing::warn!(
+            "cannot remove the backup marker {marker}: {error}; expire leaves chunks alone until it is {} h old",
+            MarkerKind::Backup.max_age().as_secs() / 3600
+        );
+    }
+    taken
+}
+
+fn backup_marker_name() -> Result<String> {
+    let suffix = getrandom::u64().context("the operating system's random source failed")?;
+    Ok(format!(
+        "{}-{suffix:016x}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+    ))
+}
+
+/// Waits until no expire is running (its marker live), for at most `limit`.
+async fn wait_for_expire(repository: &Repository, limit: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let running = repository.live_markers(MarkerKind::Expire).await?;
+        let Some((name, record)) = running.first() else {
+            return Ok(());
+        };
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "an expire ({name}, started {} on {}, pid {}) is still running after {} s, and a backup must not read the catalog while it deletes; try again later, or delete {} if that expire has crashed",
+                record
+                    .started
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                record.host,
+                record.pid,
+                limit.as_secs(),
+                crate::repository::layout::marker(MarkerKind::Expire, name)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn take(
+    settings: &Settings,
+    options: &BackupOptions,
+    repository: &Arc<Repository>,
+    marker: &str,
+) -> Result<Manifest> {
     let pgdata = std::path::absolute(&settings.pgdata)?;
     let local = wal::control_file_system_identifier(&pgdata)
         .with_context(|| format!("{} is not a PostgreSQL data directory (no global/pg_control); set --pgdata or PITR_PGDATA", pgdata.display()))?;
@@ -98,7 +154,12 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
     );
     let identity = repository.ensure_identity(&expected).await?;
     check_same_cluster(&repository.url, &identity, local)?;
-    let previous = catalog(&repository).await?;
+    // The marker first, then the wait: an expire that starts after the marker sees this backup
+    // and keeps every chunk; one that started before it has finished by the time the catalog
+    // is read, so the catalog shows no chunk that expire deletes.
+    repository.put_marker(MarkerKind::Backup, marker).await?;
+    wait_for_expire(repository, EXPIRE_WAIT).await?;
+    let previous = catalog(repository).await?;
     let known_chunks: HashSet<ChunkId> = previous
         .iter()
         .flat_map(|manifest| {
@@ -157,7 +218,7 @@ pub async fn run(settings: &Settings, options: &BackupOptions) -> Result<Manifes
     let logical_bytes = files.iter().map(|(_, _, size)| size).sum::<u64>();
     let in_flight = repository.transfers_in_flight(options.concurrency);
     let shared = Arc::new(Shared {
-        repository,
+        repository: Arc::clone(repository),
         encode: EncodeOptions {
             compression_level: settings.compression_level,
             compression_workers: 0,

@@ -8,6 +8,8 @@
 //! chunks/<first 2 hex digits>/<chunk id> a backup's file data, by content
 //! index/<timeline>/<segment>             a segment's summary, for restore targets
 //! tmp/<name>                             probes and staged writes, never read back
+//! locks/backup/<backup id>               a backup in progress (see `expire`)
+//! locks/expire/<name>                    an expire in progress
 //! ```
 //!
 //! `leases/` is reserved for the lease to come. Keys are typed by kind ([`ObjectKey`]); a
@@ -28,6 +30,8 @@ pub const CHUNK_PREFIX: &str = "chunks";
 pub const INDEX_PREFIX: &str = "index";
 /// Objects that exist only while a write is under way: probes and replacements being staged.
 pub const TEMPORARY_PREFIX: &str = "tmp";
+/// Markers of work in progress that must not overlap: a backup and an expire (see `expire`).
+pub const LOCK_PREFIX: &str = "locks";
 const MANIFEST_NAME: &str = "manifest";
 
 /// A backup's id: its start time, `20261122T034512Z`, which also sorts by age.
@@ -72,6 +76,35 @@ pub enum ObjectKey {
     Index(SegmentName),
     /// A name under `tmp/`, one path segment.
     Temporary(String),
+    /// A marker of work in progress, under `locks/<kind>/`.
+    Marker(MarkerKind, String),
+}
+
+/// What a marker says is in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MarkerKind {
+    /// A backup, named by its id: it may reference any chunk that exists.
+    Backup,
+    /// An expire, named by a random id: it may be deleting chunks.
+    Expire,
+}
+
+impl MarkerKind {
+    /// A marker older than this was left by a process that crashed, and is ignored (with a
+    /// warning): a backup may run for many hours, an expire for minutes.
+    pub fn max_age(self) -> std::time::Duration {
+        std::time::Duration::from_secs(match self {
+            MarkerKind::Backup => 24 * 3600,
+            MarkerKind::Expire => 3600,
+        })
+    }
+
+    pub fn directory(self) -> &'static str {
+        match self {
+            MarkerKind::Backup => "backup",
+            MarkerKind::Expire => "expire",
+        }
+    }
 }
 
 impl ObjectKey {
@@ -83,6 +116,7 @@ impl ObjectKey {
             ObjectKey::Chunk(id) => chunk(id),
             ObjectKey::Index(segment) => index(*segment),
             ObjectKey::Temporary(name) => temporary(name),
+            ObjectKey::Marker(kind, name) => marker(*kind, name),
         }
     }
 
@@ -112,6 +146,13 @@ impl ObjectKey {
                 ObjectKey::Index(segment.parse().ok()?)
             }
             TEMPORARY_PREFIX => is_segment(rest).then(|| ObjectKey::Temporary(rest.to_string()))?,
+            LOCK_PREFIX => {
+                let (directory, name) = rest.split_once('/')?;
+                let kind = [MarkerKind::Backup, MarkerKind::Expire]
+                    .into_iter()
+                    .find(|kind| kind.directory() == directory)?;
+                is_segment(name).then(|| ObjectKey::Marker(kind, name.to_string()))?
+            }
             _ => return None,
         };
         // Only the key this value builds: `wal/00000002/<timeline 1 segment>` is not pitr's.
@@ -163,6 +204,15 @@ pub fn index(segment: SegmentName) -> String {
 
 pub fn temporary(name: &str) -> String {
     format!("{TEMPORARY_PREFIX}/{name}")
+}
+
+pub fn marker(kind: MarkerKind, name: &str) -> String {
+    format!("{LOCK_PREFIX}/{}/{name}", kind.directory())
+}
+
+/// The prefix listing every marker of one kind.
+pub fn markers(kind: MarkerKind) -> String {
+    format!("{LOCK_PREFIX}/{}", kind.directory())
 }
 
 /// The backup a manifest key belongs to, if `key` is a manifest's.
@@ -230,6 +280,14 @@ mod tests {
             ObjectKey::Temporary("create-only-probe-00ff".to_string()),
             "tmp/create-only-probe-00ff",
         );
+        round_trips(
+            ObjectKey::Marker(MarkerKind::Backup, "20261122T034512Z".to_string()),
+            "locks/backup/20261122T034512Z",
+        );
+        round_trips(
+            ObjectKey::Marker(MarkerKind::Expire, "00ff".to_string()),
+            "locks/expire/00ff",
+        );
     }
 
     #[test]
@@ -249,6 +307,9 @@ mod tests {
             "tmp/",
             "tmp/a/b",
             "leases/primary",
+            "locks/other/x",
+            "locks/backup/",
+            "locks/backup/a/b",
             "elsewhere/x",
         ] {
             assert_eq!(ObjectKey::parse(key), None, "{key}");

@@ -128,6 +128,26 @@ impl Identity {
     }
 }
 
+/// What a marker of work in progress (`layout::marker`) records: when and where it began.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkerRecord {
+    pub started: chrono::DateTime<chrono::Utc>,
+    pub host: String,
+    pub pid: u32,
+}
+
+impl MarkerRecord {
+    fn now() -> MarkerRecord {
+        MarkerRecord {
+            started: chrono::Utc::now(),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_string())
+                .unwrap_or_default(),
+            pid: std::process::id(),
+        }
+    }
+}
+
 /// The cipher an encrypted repository's identity names: the envelope's AES-256-GCM STREAM.
 const IDENTITY_CIPHER: &str = "aes-256-gcm-stream";
 
@@ -582,6 +602,90 @@ impl Repository {
             .delete(key)
             .await
             .map_err(|error| self.failed(&format!("removing {key}"), error))
+    }
+
+    /// Writes the marker `kind`/`name` (create-only, sealed like every object) saying that this
+    /// process has begun that work now.
+    pub async fn put_marker(
+        &self,
+        kind: layout::MarkerKind,
+        name: &str,
+    ) -> Result<MarkerRecord, RepositoryError> {
+        let record = MarkerRecord::now();
+        let bytes = serde_json::to_vec(&record).expect("a marker always serializes");
+        self.put_bytes(
+            &layout::marker(kind, name),
+            Bytes::from(bytes),
+            &EncodeOptions::default(),
+        )
+        .await?;
+        Ok(record)
+    }
+
+    /// Every marker of `kind`, by name, read and verified.
+    pub async fn markers(
+        &self,
+        kind: layout::MarkerKind,
+    ) -> Result<Vec<(String, MarkerRecord)>, RepositoryError> {
+        let mut markers = Vec::new();
+        for object in self.list(&layout::markers(kind)).await? {
+            let Some(layout::ObjectKey::Marker(_, name)) = layout::ObjectKey::parse(&object.key)
+            else {
+                continue;
+            };
+            let Some(bytes) = self.read_bytes(&object.key).await? else {
+                continue;
+            };
+            let record =
+                serde_json::from_slice(&bytes).map_err(|error| RepositoryError::Corrupt {
+                    url: self.url.clone(),
+                    detail: format!("the marker {} is not valid: {error}; delete it", object.key),
+                })?;
+            markers.push((name, record));
+        }
+        Ok(markers)
+    }
+
+    /// The markers of `kind` younger than its `max_age`: work that is still running. Older
+    /// ones are left by crashed processes; each is named in a warning.
+    pub async fn live_markers(
+        &self,
+        kind: layout::MarkerKind,
+    ) -> Result<Vec<(String, MarkerRecord)>, RepositoryError> {
+        let now = chrono::Utc::now();
+        let mut live = Vec::new();
+        for (name, record) in self.markers(kind).await? {
+            if (now - record.started).to_std().unwrap_or_default() < kind.max_age() {
+                live.push((name, record));
+            } else {
+                tracing::warn!(
+                    "ignoring {}, older than {} s: the process that wrote it has crashed; delete it",
+                    layout::marker(kind, &name),
+                    kind.max_age().as_secs()
+                );
+            }
+        }
+        Ok(live)
+    }
+
+    pub async fn remove_marker(
+        &self,
+        kind: layout::MarkerKind,
+        name: &str,
+    ) -> Result<(), RepositoryError> {
+        self.remove(&layout::marker(kind, name)).await
+    }
+
+    /// Removes every key in `keys` (see `remove`), as few requests as the store allows.
+    pub async fn remove_many(&self, keys: Vec<String>) -> Result<(), RepositoryError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let count = keys.len();
+        self.storage
+            .delete_many(keys)
+            .await
+            .map_err(|error| self.failed(&format!("removing {count} objects"), error))
     }
 
     /// Proves a stored object intact without decoding it into anything; `None` if it does not

@@ -140,16 +140,7 @@ pub(super) fn timeline_path(
             archive.histories.get(&timeline).map(String::as_str),
         )
     };
-    let descends = |path: &TimelinePath| {
-        path.0
-            .iter()
-            .position(|(timeline, _)| *timeline == backup.timeline)
-            .is_some_and(|index| {
-                path.0
-                    .get(index + 1)
-                    .is_none_or(|(_, begin)| *begin > backup.start_lsn)
-            })
-    };
+    let descends = |path: &TimelinePath| path.descends_from(backup.timeline, backup.start_lsn);
     match wanted {
         TargetTimeline::Current => path_of(backup.timeline),
         TargetTimeline::Id(timeline) => {

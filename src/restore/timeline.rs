@@ -36,6 +36,19 @@ impl TimelinePath {
         self.0.iter().any(|(id, _)| *id == timeline)
     }
 
+    /// Whether recovery from a backup that started at `start` on `timeline` can follow this
+    /// path: the path passes through `timeline` and leaves it (if it does) only after `start`.
+    pub fn descends_from(&self, timeline: TimelineId, start: Lsn) -> bool {
+        self.0
+            .iter()
+            .position(|(id, _)| *id == timeline)
+            .is_some_and(|index| {
+                self.0
+                    .get(index + 1)
+                    .is_none_or(|(_, begin)| *begin > start)
+            })
+    }
+
     /// The timeline whose copy of segment `number` recovery reads: the newest one that has
     /// begun by that segment (as Postgres's XLogFileReadAnyTLI chooses).
     pub fn timeline_of(&self, number: u64, size: WalSegmentSize) -> TimelineId {

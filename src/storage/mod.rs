@@ -28,8 +28,10 @@
 //! * **List** ([`Storage::list`]): every object whose key is the prefix or lies under it by
 //!   whole path segments (`wal/00000001` lists `wal/00000001/…`, never `wal/000000010/…`),
 //!   sorted by key, keys relative to the store. Objects being written are never listed.
-//! * **Delete** ([`Storage::delete`]): idempotent; deleting a name that does not exist
-//!   succeeds, so a retried delete is safe.
+//! * **Delete** ([`Storage::delete`], [`Storage::delete_many`]): idempotent; deleting a name
+//!   that does not exist succeeds, so a retried delete is safe. `delete_many` deletes a list
+//!   with as few requests as the store allows (S3 batches a thousand keys per request) and
+//!   fails at the first key it could not delete; keys before it may be gone.
 //! * **Conditional update** ([`Storage::update`]): replaces the object only if it is still at
 //!   the version the caller read with `head` (ETag and, where the store keeps them, version
 //!   id). `Precondition` when it changed or is gone. Like every write, the new object is
@@ -180,6 +182,10 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Removes the object at `key`; succeeds when there is none.
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StorageResult<()>>;
+
+    /// Removes every object in `keys`, as `delete` does each; a store that deletes many in
+    /// one request (S3's DeleteObjects, a thousand at a time) does so.
+    fn delete_many(&self, keys: Vec<String>) -> BoxFuture<'_, StorageResult<()>>;
 
     /// Makes every `Durability::Deferred` write so far durable.
     fn sync_deferred(&self) -> BoxFuture<'_, StorageResult<()>>;

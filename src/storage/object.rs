@@ -425,6 +425,28 @@ impl Storage for ObjectStorage {
         .boxed()
     }
 
+    fn delete_many(&self, keys: Vec<String>) -> BoxFuture<'_, StorageResult<()>> {
+        async move {
+            let locations: Vec<object_store::Result<Path>> =
+                keys.iter().map(|key| Ok(self.location(key))).collect();
+            let mut deleted = self
+                .store
+                .delete_stream(futures::stream::iter(locations).boxed());
+            loop {
+                match tokio::time::timeout(self.timeout, deleted.next()).await {
+                    Err(_) => return Err(StorageError::TimedOut(self.timeout)),
+                    Ok(None) => return Ok(()),
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(error))) => match from_store(error) {
+                        StorageError::NotFound => {}
+                        other => return Err(other),
+                    },
+                }
+            }
+        }
+        .boxed()
+    }
+
     /// On `file://` one `syncfs` of the store's filesystem flushes every deferred write (and
     /// reports any writeback error since the writes); a remote store acknowledged each write
     /// as durable already.

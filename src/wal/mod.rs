@@ -187,6 +187,13 @@ pub enum WalFileName {
     History(TimelineId),
 }
 
+/// Written as its file name, as Postgres names it.
+impl Serialize for WalFileName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl WalFileName {
     pub fn timeline(&self) -> TimelineId {
         match self {

@@ -164,6 +164,9 @@ const CONFIG_KEYS: &[&str] = &[
     "http_token",
     "max_archive_lag",
     "pg_url",
+    "retention_window",
+    "retention_min_backups",
+    "retention_backups",
 ];
 
 /// The three keys of a config file the small hook needs, read by a deliberately narrow subset of

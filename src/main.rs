@@ -87,6 +87,9 @@ enum Command {
         /// Parallel file readers and uploads [default: the CPU count].
         #[arg(long, env = "PITR_BACKUP_CONCURRENCY")]
         concurrency: Option<usize>,
+        /// `json` prints the backup's record, as `pitr list --output json` lists it.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
     },
     /// Restore a data directory to a point in time.
     #[command(
@@ -337,6 +340,7 @@ async fn run(
             label,
             ignore_checksum_failures,
             concurrency,
+            output,
         } => {
             let options = pitr::backup::take::BackupOptions {
                 label: label.clone(),
@@ -344,6 +348,11 @@ async fn run(
                 concurrency: concurrency.unwrap_or(settings.archive_concurrency),
             };
             let manifest = pitr::backup::take::run(settings, &options).await?;
+            if let OutputFormat::Json = output {
+                let record = pitr::commands::list::BackupSummary::from(&manifest);
+                println!("{}", serde_json::to_string_pretty(&record)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "backup {} complete: {} MiB in {} files, {} MiB uploaded ({} new chunks, {} reused), LSN {} to {}, timeline {}",
                 manifest.id,

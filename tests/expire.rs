@@ -418,3 +418,37 @@ fn unrestorable_backups(primary: &Primary, round: u64) -> Vec<String> {
     }
     failed
 }
+
+/// `pitr backup --output json` prints the record `pitr list` lists, label included; and a
+/// timeline whose last transaction ended before the earliest backup did is shown empty, never
+/// as a window that ends before it begins.
+#[test]
+fn backup_records_for_scripts_and_an_empty_window_said_so() {
+    if !pg15_available() {
+        return;
+    }
+    let workspace = Workspace::new();
+    let config = file_repository(&workspace);
+    let mut primary = Primary::start(workspace, config);
+    primary.write(1..=3);
+    let output = primary.pitr(&["backup", "--label", "nightly", "--output", "json"]);
+    assert!(output.status.success(), "backup: {}", stderr_of(&output));
+    let record: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON record");
+    assert_eq!(record["label"], "nightly");
+    primary.cluster.sql("select pg_switch_wal()");
+    primary.cluster.wait_until_archived(Duration::from_secs(60));
+    let output = primary.pitr(&["list", "--output", "json"]);
+    let listing: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(listing["backups"][0], record, "the same record in the list");
+    let window = &listing["windows"][0];
+    assert_eq!(window["empty"], true, "{listing}");
+    let table = primary.pitr(&["list"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("nightly"), "{text}");
+    assert!(
+        text.contains("timeline 1   empty: its last transaction"),
+        "{text}"
+    );
+    assert!(!text.contains(" until "), "no inverted window: {text}");
+}

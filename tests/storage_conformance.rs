@@ -245,7 +245,7 @@ async fn delete_many_removes_every_key(name: &str, storage: &dyn Storage) {
     .into_iter()
     .for_each(|outcome| assert_eq!(outcome.unwrap(), PutOutcome::Created, "{name}"));
     storage
-        .put_create("many-kept", parts(b"kept"), Durability::Immediate)
+        .put_create("kept/many", parts(b"kept"), Durability::Immediate)
         .await
         .unwrap();
     let mut doomed = stored.clone();
@@ -259,15 +259,15 @@ async fn delete_many_removes_every_key(name: &str, storage: &dyn Storage) {
         "{name}: listed after delete_many"
     );
     assert_eq!(
-        keys(storage, "many-kept").await,
-        ["many-kept"],
+        keys(storage, "kept").await,
+        ["kept/many"],
         "{name}: a key not named stays"
     );
     storage
         .delete_many(doomed)
         .await
         .unwrap_or_else(|error| panic!("{name}: a second delete_many: {error}"));
-    storage.delete("many-kept").await.unwrap();
+    storage.delete("kept/many").await.unwrap();
 }
 
 async fn conditional_update_checks_the_version(name: &str, storage: &dyn Storage) {

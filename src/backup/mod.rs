@@ -136,21 +136,28 @@ fn refused_entry(bytes: &[u8]) -> Option<String> {
     })
 }
 
-/// Every complete backup, oldest first.
+/// Every complete backup, oldest first. The manifests are read several at a time: on a remote
+/// store each read is a round trip, and a repository may hold a thousand backups.
 pub async fn catalog(repository: &Repository) -> Result<Vec<Manifest>> {
-    let mut manifests = Vec::new();
-    for meta in repository.list(BACKUP_PREFIX).await? {
-        let key = repository.relative_key(&meta).to_string();
-        if layout::manifest_backup(&key).is_none() {
-            continue;
-        }
-        let bytes = repository
-            .read_bytes(&key)
-            .await?
-            .with_context(|| format!("{key} disappeared while listing backups"))?;
-        let manifest = Manifest::from_json(&key, &bytes)?;
-        manifests.push(manifest);
-    }
+    use futures::{StreamExt, TryStreamExt};
+    let keys: Vec<String> = repository
+        .list(BACKUP_PREFIX)
+        .await?
+        .iter()
+        .map(|meta| repository.relative_key(meta).to_string())
+        .filter(|key| layout::manifest_backup(key).is_some())
+        .collect();
+    let mut manifests: Vec<Manifest> = futures::stream::iter(keys)
+        .map(|key| async move {
+            let bytes = repository
+                .read_bytes(&key)
+                .await?
+                .with_context(|| format!("{key} disappeared while listing backups"))?;
+            Ok::<_, anyhow::Error>(Manifest::from_json(&key, &bytes)?)
+        })
+        .buffered(repository.transfers_in_flight(1))
+        .try_collect()
+        .await?;
     manifests.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(manifests)
 }

@@ -9,10 +9,11 @@ use crate::repository::{Repository, layout};
 use crate::restore::reach::ArchiveIndex;
 use crate::wal::{PgVersion, SegmentName, TimelineId, WalFileName};
 
-/// One backup as `--output json` prints it.
+/// One backup as `--output json` prints it (`pitr list`, `pitr backup`).
 #[derive(Debug, Serialize)]
 pub struct BackupSummary {
     pub id: String,
+    pub label: String,
     pub start_time: String,
     pub stop_time: String,
     pub start_lsn: String,
@@ -21,6 +22,23 @@ pub struct BackupSummary {
     pub logical_bytes: u64,
     pub uploaded_bytes: u64,
     pub incremental: bool,
+}
+
+impl From<&crate::backup::Manifest> for BackupSummary {
+    fn from(backup: &crate::backup::Manifest) -> Self {
+        BackupSummary {
+            id: backup.id.to_string(),
+            label: backup.label.clone(),
+            start_time: backup.start_time.to_rfc3339(),
+            stop_time: backup.stop_time.to_rfc3339(),
+            start_lsn: backup.start_lsn.to_string(),
+            stop_lsn: backup.stop_lsn.to_string(),
+            timeline: backup.timeline.0,
+            logical_bytes: backup.logical_bytes,
+            uploaded_bytes: backup.uploaded_bytes,
+            incremental: backup.incremental(),
+        }
+    }
 }
 
 /// The recoverable window of one timeline.
@@ -35,6 +53,9 @@ pub struct Window {
     /// That transaction's id.
     pub latest_xid: Option<u32>,
     pub gaps: usize,
+    /// The last transaction ended before the earliest backup did: nothing on this timeline can
+    /// be restored to yet.
+    pub empty: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,14 +76,17 @@ pub async fn collect(settings: &Settings) -> Result<Listing> {
     let identity = repository.require_identity().await?;
     let size = identity.segment_size();
     let index = ArchiveIndex::new(&repository, size, PgVersion(identity.pg_version));
-    let earliest = backups.first().map(|backup| backup.stop_time.to_rfc3339());
+    let earliest_time = backups.first().map(|backup| backup.stop_time);
+    let earliest = earliest_time.map(|time| time.to_rfc3339());
     let mut windows = Vec::new();
     for timeline in &wal.timelines {
         let segments = archived_segments(&repository, TimelineId(timeline.timeline)).await?;
         let last = index
             .last_transaction_end(&segments, SEARCHED_SEGMENTS)
             .await?;
+        let latest_time = last.map(|(_, _, latest)| latest.to_utc());
         windows.push(Window {
+            empty: matches!((earliest_time, latest_time), (Some(earliest), Some(latest)) if latest < earliest),
             timeline: timeline.timeline,
             earliest: earliest.clone(),
             latest: last.map(|(_, _, latest)| latest.to_utc().to_rfc3339()),
@@ -72,20 +96,7 @@ pub async fn collect(settings: &Settings) -> Result<Listing> {
     }
     Ok(Listing {
         repository: repository.url.clone(),
-        backups: backups
-            .iter()
-            .map(|backup| BackupSummary {
-                id: backup.id.to_string(),
-                start_time: backup.start_time.to_rfc3339(),
-                stop_time: backup.stop_time.to_rfc3339(),
-                start_lsn: backup.start_lsn.to_string(),
-                stop_lsn: backup.stop_lsn.to_string(),
-                timeline: backup.timeline.0,
-                logical_bytes: backup.logical_bytes,
-                uploaded_bytes: backup.uploaded_bytes,
-                incremental: backup.incremental(),
-            })
-            .collect(),
+        backups: backups.iter().map(BackupSummary::from).collect(),
         windows,
     })
 }
@@ -111,12 +122,12 @@ async fn archived_segments(
 pub fn print_table(listing: &Listing) {
     println!("repository {}", listing.repository);
     println!(
-        "{:<17} {:<20} {:<20} {:<12} {:<12} {:>3} {:>10} {:>10} {:<5}",
+        "{:<17} {:<20} {:<20} {:<12} {:<12} {:>3} {:>10} {:>10} {:<5} LABEL",
         "BACKUP", "START", "STOP", "START LSN", "STOP LSN", "TL", "SIZE MiB", "SENT MiB", "INCR"
     );
     for backup in &listing.backups {
         println!(
-            "{:<17} {:<20} {:<20} {:<12} {:<12} {:>3} {:>10} {:>10} {:<5}",
+            "{:<17} {:<20} {:<20} {:<12} {:<12} {:>3} {:>10} {:>10} {:<5} {}",
             backup.id,
             &backup.start_time[..19],
             &backup.stop_time[..19],
@@ -125,11 +136,21 @@ pub fn print_table(listing: &Listing) {
             backup.timeline,
             backup.logical_bytes >> 20,
             backup.uploaded_bytes >> 20,
-            if backup.incremental { "yes" } else { "no" }
+            if backup.incremental { "yes" } else { "no" },
+            backup.label
         );
     }
     println!("\nrecoverable window");
     for window in &listing.windows {
+        if window.empty {
+            println!(
+                "timeline {:<3} empty: its last transaction ({}) ended before the earliest backup did ({}); take a backup, or restore from one on another timeline",
+                window.timeline,
+                window.latest.as_deref().unwrap_or("-"),
+                window.earliest.as_deref().unwrap_or("-"),
+            );
+            continue;
+        }
         println!(
             "timeline {:<3} from {} until {}{}",
             window.timeline,

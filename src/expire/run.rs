@@ -221,11 +221,20 @@ async fn last_activity(
     let mut activity = HashMap::new();
     for (timeline, mut segments) in by_timeline {
         segments.sort();
-        if let Some((_, _, time)) = index
+        // A segment the index cannot summarize leaves the timeline's activity unknown, which
+        // the planner treats as reaching into the window: it keeps more, never less.
+        match index
             .last_transaction_end(&segments, SEARCHED_SEGMENTS)
-            .await?
+            .await
         {
-            activity.insert(timeline, time.to_utc());
+            Ok(Some((_, _, time))) => {
+                activity.insert(timeline, time.to_utc());
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(
+                %timeline,
+                "the last transaction on this timeline is not known ({error:#}); expire keeps its whole window"
+            ),
         }
     }
     Ok(activity)

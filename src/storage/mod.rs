@@ -25,7 +25,7 @@
 //!   stalls longer than the store's timeout ends with `Unreachable`. Get does not verify: the
 //!   envelope above proves every byte.
 //! * **Head** ([`Storage::head`]): size and version of one object; `NotFound` when absent.
-//! * **List** ([`Storage::list`]): every object whose key is the prefix or lies under it by
+//! * **List** ([`Storage::list`]): every object whose key lies under the prefix by
 //!   whole path segments (`wal/00000001` lists `wal/00000001/…`, never `wal/000000010/…`),
 //!   sorted by key, keys relative to the store. Objects being written are never listed.
 //! * **Delete** ([`Storage::delete`], [`Storage::delete_many`]): idempotent; deleting a name

@@ -15,7 +15,7 @@ LAYERS = [
     ["envelope"],
     ["config", "storage"],
     ["postgres", "repository"],
-    ["archive", "backup", "restore", "expire"],
+    ["archive", "backup", "restore", "expire", "verify"],
     ["daemon"],
     ["commands"],
     ["main"],

@@ -160,6 +160,15 @@ pub struct GlobalOptions {
     #[arg(long, env = "PITR_RETENTION_BACKUPS", global = true, value_name = "N")]
     #[serde(deserialize_with = "scalar_as_text")]
     pub retention_backups: Option<String>,
+    /// `pitr verify` reads again what it verified longer ago than this, e.g. 7d [default: 7d].
+    #[arg(
+        long,
+        env = "PITR_VERIFY_MAX_AGE",
+        global = true,
+        value_name = "DURATION"
+    )]
+    #[serde(deserialize_with = "scalar_as_text")]
+    pub verify_max_age: Option<String>,
     /// Extra object_store options, e.g. `aws_endpoint = "http://127.0.0.1:9000"`; only in the
     /// file's `[store]` table.
     #[arg(skip)]
@@ -216,6 +225,8 @@ pub struct Settings {
     pub pg_url: Option<String>,
     /// What `pitr expire` keeps.
     pub retention: RetentionPolicy,
+    /// How long `pitr verify` trusts an object it proved intact.
+    pub verify_max_age: Duration,
     /// The configuration file these settings came from, made absolute, so that commands this
     /// one writes (restore_command) or starts (the prefetch worker) read the same file.
     pub config_file: Option<PathBuf>,
@@ -326,8 +337,17 @@ impl Settings {
         })?;
         let pgdata = options.pgdata.clone().unwrap_or_else(|| PathBuf::from("."));
         let retention = retention_policy(options)?;
+        let verify_max_age = match options.verify_max_age.as_deref().map(str::trim) {
+            None => Duration::from_secs(7 * 86_400),
+            Some(text) => humantime::parse_duration(text).map_err(|error| {
+                ConfigError::BadValue(format!(
+                    "verify max age (PITR_VERIFY_MAX_AGE) '{text}' is not a duration ({error}): give a number and a unit, such as 7d"
+                ))
+            })?,
+        };
         Ok(Settings {
             retention,
+            verify_max_age,
             socket: options
                 .socket
                 .clone()

@@ -24,4 +24,5 @@ pub mod progress;
 pub mod repository;
 pub mod restore;
 pub mod storage;
+pub mod verify;
 pub mod wal;

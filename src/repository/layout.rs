@@ -10,6 +10,7 @@
 //! tmp/<name>                             probes and staged writes, never read back
 //! locks/backup/<backup id>               a backup in progress (see `expire`)
 //! locks/expire/<name>                    an expire in progress
+//! verify/results                         what `pitr verify` has proven intact, and its last report
 //! ```
 //!
 //! `leases/` is reserved for the lease to come. Keys are typed by kind ([`ObjectKey`]); a
@@ -32,6 +33,9 @@ pub const INDEX_PREFIX: &str = "index";
 pub const TEMPORARY_PREFIX: &str = "tmp";
 /// Markers of work in progress that must not overlap: a backup and an expire (see `expire`).
 pub const LOCK_PREFIX: &str = "locks";
+pub const VERIFY_PREFIX: &str = "verify";
+/// The key of `pitr verify`'s results object.
+pub const VERIFY_RESULTS: &str = "verify/results";
 const MANIFEST_NAME: &str = "manifest";
 
 /// A backup's id: its start time, `20261122T034512Z`, which also sorts by age.
@@ -78,6 +82,8 @@ pub enum ObjectKey {
     Temporary(String),
     /// A marker of work in progress, under `locks/<kind>/`.
     Marker(MarkerKind, String),
+    /// `pitr verify`'s results.
+    VerifyResults,
 }
 
 /// What a marker says is in progress.
@@ -117,6 +123,7 @@ impl ObjectKey {
             ObjectKey::Index(segment) => index(*segment),
             ObjectKey::Temporary(name) => temporary(name),
             ObjectKey::Marker(kind, name) => marker(*kind, name),
+            ObjectKey::VerifyResults => VERIFY_RESULTS.to_string(),
         }
     }
 
@@ -124,6 +131,9 @@ impl ObjectKey {
     pub fn parse(key: &str) -> Option<ObjectKey> {
         if key == IDENTITY {
             return Some(ObjectKey::Identity);
+        }
+        if key == VERIFY_RESULTS {
+            return Some(ObjectKey::VerifyResults);
         }
         let (prefix, rest) = key.split_once('/')?;
         let parsed = match prefix {
@@ -288,6 +298,7 @@ mod tests {
             ObjectKey::Marker(MarkerKind::Expire, "00ff".to_string()),
             "locks/expire/00ff",
         );
+        round_trips(ObjectKey::VerifyResults, "verify/results");
     }
 
     #[test]

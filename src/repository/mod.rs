@@ -676,6 +676,40 @@ impl Repository {
         self.remove(&layout::marker(kind, name)).await
     }
 
+    /// Seals `bytes` and stores them at `key` in place of what is there, which must still be
+    /// the version `head` finds now (or nothing): for the one object pitr rewrites, the
+    /// verify results. `Precondition` (as `RepositoryError::Store`) when another writer won.
+    pub async fn replace_bytes(&self, key: &str, bytes: Bytes) -> Result<(), RepositoryError> {
+        let (key_owned, keyring) = (key.to_string(), self.keyring.clone());
+        let (_, parts) = tokio::task::spawn_blocking(move || {
+            envelope::encode_bytes(
+                &bytes,
+                &key_owned,
+                keyring.as_ref(),
+                &EncodeOptions::default(),
+            )
+        })
+        .await
+        .expect("the encoding task does not panic")
+        .map_err(RepositoryError::Envelope)?;
+        let written = match self.storage.head(key).await {
+            Ok(info) => self.storage.update(key, parts, &info.version).await,
+            Err(StorageError::NotFound) => match self
+                .storage
+                .put_create(key, parts, Durability::Immediate)
+                .await
+            {
+                Ok(PutOutcome::Created) => Ok(()),
+                Ok(PutOutcome::AlreadyExists) => Err(StorageError::Precondition(
+                    "created by another writer meanwhile".to_string(),
+                )),
+                Err(error) => Err(error),
+            },
+            Err(error) => Err(error),
+        };
+        written.map_err(|error| self.failed(&format!("replacing {key}"), error))
+    }
+
     /// Removes every key in `keys` (see `remove`), as few requests as the store allows.
     pub async fn remove_many(&self, keys: Vec<String>) -> Result<(), RepositoryError> {
         if keys.is_empty() {

@@ -167,6 +167,7 @@ const CONFIG_KEYS: &[&str] = &[
     "retention_window",
     "retention_min_backups",
     "retention_backups",
+    "verify_max_age",
 ];
 
 /// The three keys of a config file the small hook needs, read by a deliberately narrow subset of

@@ -44,11 +44,19 @@
 #      the stopped source cluster, started once with archive_mode=off, as pgbackrest_bench.sh
 #      does), and identical across every case and run.
 #
+#   C. verify (VERIFY_RUNS runs, interleaved, the tool that goes first alternating): both part B
+#      repositories (every corpus segment and the backup of the cold base), read whole:
+#        verify-pgbackrest   pgbackrest verify                                  (process-max=2)
+#        verify-pitr         pitr verify --full (every object decoded, 2 at a time here)
+#      beside the physical limit: zstd -d of zstd -1 copies of the corpus and the base's files,
+#      CONC processes at a time (decode on every core), to /dev/null.
+#
 # Usage (root, Debian bookworm, pgbackrest 2.45 + PostgreSQL 15 installed, corpus built):
 #     PITR_BIN=target/release/pitr bench/backup_bench.sh
 # Knobs (environment):
 #   BL=/tmp/bl  CORPUS=$BL/corpus  PGBIN=/usr/lib/postgresql/15/bin
 #   PITR_BIN=                 pitr binary (copied into WORK); without it `cargo build --release`
+#   VERIFY_RUNS=3             repetitions of part C (verify); 0 leaves it out
 #   RUNS=7  PITR_RUNS=5       repetitions of part A (backup/restore) and of part B (PITR);
 #                             RUNS=0 leaves part A out (its rows print as nan)
 #   PITR_CASES="pgbr-sync pgbr-async pgbr-floor pitr pitr-floor"   the part B cases to run
@@ -75,6 +83,7 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 RUNS=${RUNS:-7}
 REPO_KIND=${REPO_KIND:-local}   # local, or s3: the S3 stack of bench/lib.sh (20 ms round trips)
 PITR_RUNS=${PITR_RUNS:-5}
+VERIFY_RUNS=${VERIFY_RUNS:-3}
 PITR_CASES=${PITR_CASES:-pgbr-sync pgbr-async pgbr-floor pitr pitr-floor}
 CONC=${CONC:-2}
 TARGET_FRAC=${TARGET_FRAC:-0.85}
@@ -422,6 +431,28 @@ PITR_BACKUP=$(jq -r '.backups[-1].id' <<<"$BACKUP_JSON")
 PITR_BACKUP_LSNS=$(jq -r '.backups[-1] | "start \(.start_lsn) stop \(.stop_lsn) timeline \(.timeline)"' <<<"$BACKUP_JSON")
 log "pitr backup $PITR_BACKUP of the standby: $PITR_BACKUP_LSNS"
 
+# ================================================================ C. verify
+if [ "$VERIFY_RUNS" -gt 0 ]; then
+  log "part C: verify both repositories, $VERIFY_RUNS runs"
+  ZDIR=$WORK/zstd-copies; rm -rf "$ZDIR"; mkdir -p "$ZDIR"
+  # The decode limit's input: zstd -1 copies of what the repositories hold (not timed).
+  (cd "$CORPUS" && ls | xargs -P "$CONC" -I{} zstd -q -1 -f {} -o "$ZDIR/wal-{}.zst")
+  find "$BASE2" -type f -size +0 | head -100000 | awk -v d="$ZDIR" '{printf "%s\0%s/base-%d.zst\0", $0, d, NR}' \
+    | xargs -0 -n 2 -P "$CONC" sh -c 'zstd -q -1 -f "$0" -o "$1"'
+  VERIFY_BYTES=$(( $(du -sb "$CORPUS" | cut -f1) + $(du -sb "$BASE2" | cut -f1) ))
+  decode_all() { find "$ZDIR" -type f -print0 | xargs -0 -n 16 -P "$CONC" zstd -q -d -c >/dev/null; }
+  verify_pitr() {
+    timed verify-pitr "$1" runuser -u postgres -- "${PITR_PITR[@]}" verify --full --output json
+    jq -c '{backups, manifests_read, objects_read, bytes_read, problems: (.problems | length)}' \
+      "$WORK/stdout.out" >"$OUTDIR/verify-pitr-last.json" 2>/dev/null || true
+  }
+  verify_pgbr() { timed verify-pgbackrest "$1" runuser -u postgres -- "${PGBR_PITR[@]}" verify; }
+  for r in $(seq 1 "$VERIFY_RUNS"); do
+    if [ $((r % 2)) = 1 ]; then verify_pgbr "$r"; verify_pitr "$r"; else verify_pitr "$r"; verify_pgbr "$r"; fi
+    timed limit-decode "$r" decode_all
+  done
+fi
+
 # ---------------------------------------------------------------- the PITR cases
 GET_SYNC="pgbackrest --config=$WORK/pgbr-pitr.conf --stanza=bench --pg1-path=$P archive-get %f \"%p\""
 GET_ASYNC="pgbackrest --config=$WORK/pgbr-pitr.conf --stanza=bench --pg1-path=$P --archive-async=y --process-max=$CONC --archive-get-queue-max=1GiB archive-get %f \"%p\""
@@ -506,6 +537,7 @@ done
 
 # ---------------------------------------------------------------- verification
 VERIFY=ok
+[ "$PITR_RUNS" -gt 0 ] || { echo 0 >"$GOT_ALL"; EXPECT=0; VERIFY="not run (PITR_RUNS=0)"; }
 NDIFF=$(sort -u "$GOT_ALL" | wc -l)
 GOT=$(head -1 "$GOT_ALL")
 [ "$NDIFF" = 1 ] || VERIFY="FAILED: row counts differ between cases: $(sort -u "$GOT_ALL" | tr '\n' ' ')"
@@ -579,6 +611,20 @@ MIB=$(awk -v b="$DATA_BYTES" 'BEGIN{printf "%.1f", b/1048576}')
   echo "   verification: $VERIFY: every PITR ended with $GOT rows in pgbench_history (oracle $EXPECT)"
   echo "   pushing the live primary's $LIVE_SEG (same name as a corpus segment) into the corpus repository: exit $DIVERGE_RC: $DIVERGE_MSG"
   echo
+  if [ "$VERIFY_RUNS" -gt 0 ]; then
+    VMIB=$(awk -v b="$VERIFY_BYTES" 'BEGIN{printf "%.1f", b/1048576}')
+    echo "C. verify of the part B repositories ($VMIB MiB of WAL and base, logical), $VERIFY_RUNS runs"
+    printf '%-22s %9s %9s %9s %9s %9s %12s\n' operation median_s min_s max_s cpu_s MiB/s pitr/pgbr
+    vb=$(med verify-pgbackrest)
+    for l in verify-pgbackrest verify-pitr limit-decode; do
+      m=$(med "$l")
+      printf '%-22s %9.2f %9.2f %9.2f %9s %9.1f %12s\n' "$l" "$m" "$(mn "$l")" "$(mx "$l")" "$(cpu "$l")" \
+        "$(awk -v b="$VERIFY_BYTES" -v m="$m" 'BEGIN{print b/1048576/m}')" \
+        "$( [ "$l" = verify-pitr ] && div "$vb" "$m" || echo -)"
+    done
+    echo "  pitr's last report: $(cat "$OUTDIR/verify-pitr-last.json" 2>/dev/null)"
+    echo
+  fi
   echo "details: $OUTDIR/pitr_verify.txt, $OUTDIR/results.tsv, $OUTDIR/bench.log"
 } | tee "$OUTDIR/summary.txt"
 [ "$VERIFY" = ok ] || exit 1

@@ -10,9 +10,9 @@ use serde::Serialize;
 use super::plan::{self, ArchiveListing, BackupPoint, ExpirePlan, PlanOptions};
 use crate::backup::{Manifest, catalog};
 use crate::config::RetentionPolicy;
-use crate::repository::Repository;
+use crate::repository::{ObjectInfo, Repository};
 use crate::repository::layout::{self, MarkerKind, ObjectKey};
-use crate::storage::ObjectInfo;
+
 use crate::wal::WalFileName;
 
 /// Keys per delete request batch handed to the store.
@@ -120,9 +120,10 @@ async fn plan_and_delete(
         .iter()
         .map(layout::manifest)
         .collect();
+    let expired_wal: HashSet<&WalFileName> = report.plan.expired_wal.iter().collect();
     let remaining_wal: BTreeSet<WalFileName> = wal_sizes
         .keys()
-        .filter(|name| !report.plan.expired_wal.contains(name))
+        .filter(|name| !expired_wal.contains(name))
         .copied()
         .collect();
     let chunks = unreferenced_chunks(repository, &manifests, &kept).await?;

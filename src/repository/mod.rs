@@ -23,10 +23,10 @@ use serde::{Deserialize, Serialize};
 use crate::config::Settings;
 use crate::envelope::{self, ContentSummary, DecodeMode, EncodeOptions, EnvelopeError, Header};
 use crate::keyring::{KeyId, Keyring};
-use crate::storage::{self, Body, ObjectInfo, ObjectStorage, OpenError, Storage, StorageError};
+use crate::storage::{self, Body, ObjectStorage, OpenError, Storage, StorageError};
 use crate::wal::{PgVersion, SystemIdentifier, WalFileName, WalSegmentSize};
 
-pub use crate::storage::{Durability, PutOutcome};
+pub use crate::storage::{Durability, ObjectInfo, PutOutcome};
 pub use layout::WAL_PREFIX;
 
 pub const FORMAT_VERSION: u32 = 1;

@@ -24,10 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::{BACKUP_PREFIX, Manifest};
 use crate::envelope::DecodeMode;
-use crate::repository::Repository;
+use crate::repository::{ObjectInfo, Repository};
 use crate::repository::layout::{self, ObjectKey};
 use crate::restore::timeline::{ArchivedSegments, TimelinePath, check_coverage};
-use crate::storage::ObjectInfo;
+
 use crate::wal::{TimelineId, WalFileName, WalSegmentSize};
 
 #[derive(Debug, Clone, Copy)]

@@ -167,12 +167,15 @@ enum Command {
     },
     /// Prove every backup restorable and every archived WAL file readable.
     #[command(
-        after_help = "Examples:\n  pitr verify\n  pitr verify --full --output json | jq .problems\n\nEvery chunk a manifest names, every WAL object and index entry is decoded in full, and each backup's WAL is checked from its start to the end of its timeline. What was proven intact is recorded in the repository and not read again until it changes, --full is given, or PITR_VERIFY_MAX_AGE (7d) has passed.\n\nExit codes: 0 no problem found; 1 a problem (each named on its own line) or a failure."
+        after_help = "Examples:\n  pitr verify\n  pitr verify --full --output json | jq .problems\n\nEvery chunk a manifest names, every WAL object and index entry is authenticated (--decode: decoded in full), and each backup's WAL is checked from its start to the end of its timeline. What was proven intact is recorded in the repository and not read again until it changes, --full is given, or PITR_VERIFY_MAX_AGE (7d) has passed.\n\nExit codes: 0 no problem found; 1 a problem (each named on its own line) or a failure."
     )]
     Verify {
         /// Read everything again, whatever was verified before.
         #[arg(long)]
         full: bool,
+        /// Also decompress every object and check its plaintext checksum, as a restore does (authentication alone already proves every stored byte).
+        #[arg(long)]
+        decode: bool,
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
@@ -415,11 +418,16 @@ async fn run(
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { full, output } => {
+        Command::Verify {
+            full,
+            decode,
+            output,
+        } => {
             let repository = pitr::repository::Repository::open(settings)?;
             let options = pitr::verify::VerifyOptions {
                 full: *full,
                 max_age: settings.verify_max_age,
+                decode: *decode,
             };
             let report = pitr::verify::run(&repository, options).await?;
             match output {
@@ -432,7 +440,7 @@ async fn run(
                         println!("problem: {}{backup}: {}", problem.object, problem.detail);
                     }
                     println!(
-                        "verified {} backups: {} objects read ({} MiB decoded), {} unchanged since verified, {} manifests; {} problems",
+                        "verified {} backups: {} objects read ({} MiB), {} unchanged since verified, {} manifests; {} problems",
                         report.backups,
                         report.objects_read,
                         report.bytes_read >> 20,

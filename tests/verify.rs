@@ -101,6 +101,13 @@ fn verify_names_every_problem_and_reads_nothing_twice() {
         "nothing verified is read again: {again}"
     );
     assert_eq!(again["objects_skipped"].as_u64().unwrap(), read);
+    // Asked to decode, it reads everything once more (so far each was only authenticated),
+    // then nothing.
+    let (output, decoded) = verify(&workspace, &config, &["--decode"]);
+    assert!(output.status.success(), "{decoded}");
+    assert_eq!(decoded["objects_read"].as_u64().unwrap(), read, "{decoded}");
+    let (_, decoded_again) = verify(&workspace, &config, &["--decode"]);
+    assert_eq!(decoded_again["objects_read"], 0, "{decoded_again}");
 
     // A flipped byte in the first backup's largest chunk.
     let chunk = chunks_of_first

@@ -10,8 +10,8 @@ use serde::Serialize;
 use super::plan::{self, ArchiveListing, BackupPoint, ExpirePlan, PlanOptions};
 use crate::backup::{Manifest, catalog};
 use crate::config::RetentionPolicy;
-use crate::repository::{ObjectInfo, Repository};
 use crate::repository::layout::{self, MarkerKind, ObjectKey};
+use crate::repository::{ObjectInfo, Repository};
 
 use crate::wal::WalFileName;
 

@@ -1,10 +1,16 @@
 //! `pitr verify`: proves that every backup can be restored and every archived WAL file read.
 //!
-//! It reads every manifest, decodes every chunk the manifests reference and every WAL object
-//! and index entry in full (authentication, decompression, the plaintext checksum: the whole
-//! read path a restore takes), and checks, from the archive listing, that each backup's WAL is
+//! It reads every manifest, reads every chunk the manifests reference and every WAL object and
+//! index entry and proves it intact, and checks, from the archive listing, that each backup's WAL is
 //! there from its start through its stop and on to the end of its timeline path. Each problem
 //! is named: the object, the backup it breaks, what is wrong.
+//!
+//! Proving an object intact is authenticating it: in an encrypted repository every chunk's
+//! AES-GCM tag covers its bytes and the whole header (plaintext length and checksum included),
+//! so a complete sequence of authentic chunks is exactly the object pitr wrote, and no byte can
+//! change without the key; an unencrypted object is decoded in full, checksum included.
+//! `--decode` also decompresses every encrypted object and checks its plaintext checksum, the
+//! whole read path of a restore (which finds a fault in pitr's own writer, not in the store).
 //!
 //! Incremental: what it proved intact is recorded in the repository (`verify/results`, sealed
 //! like every object) with the object's size and version, and not read again until it changes,
@@ -24,8 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::{BACKUP_PREFIX, Manifest};
 use crate::envelope::DecodeMode;
-use crate::repository::{ObjectInfo, Repository};
 use crate::repository::layout::{self, ObjectKey};
+use crate::repository::{ObjectInfo, Repository};
 use crate::restore::timeline::{ArchivedSegments, TimelinePath, check_coverage};
 
 use crate::wal::{TimelineId, WalFileName, WalSegmentSize};
@@ -36,6 +42,8 @@ pub struct VerifyOptions {
     pub full: bool,
     /// Read again what was verified longer ago than this.
     pub max_age: Duration,
+    /// Decompress and checksum every object too, not only authenticate it.
+    pub decode: bool,
 }
 
 /// One thing that is wrong, by name.
@@ -56,7 +64,7 @@ pub struct VerifyReport {
     pub seconds: f64,
     pub backups: usize,
     pub manifests_read: usize,
-    /// Chunks, WAL objects and index entries decoded in full in this run.
+    /// Chunks, WAL objects and index entries read and proven intact in this run.
     pub objects_read: usize,
     /// Those proven intact before and unchanged since, not read again.
     pub objects_skipped: usize,
@@ -78,24 +86,29 @@ struct Verified {
     e_tag: Option<String>,
     version: Option<String>,
     at: DateTime<Utc>,
+    /// Decoded in full, not only authenticated.
+    #[serde(default)]
+    decoded: bool,
 }
 
 impl Verified {
-    fn of(object: &ObjectInfo, at: DateTime<Utc>) -> Self {
+    fn of(object: &ObjectInfo, at: DateTime<Utc>, decoded: bool) -> Self {
         Verified {
             size: object.size,
             e_tag: object.version.e_tag.clone(),
             version: object.version.version.clone(),
             at,
+            decoded,
         }
     }
 
-    /// Still the object that was verified, recently enough.
-    fn covers(&self, object: &ObjectInfo, now: DateTime<Utc>, max_age: Duration) -> bool {
-        self.size == object.size
+    /// Still the object that was verified, recently enough, as deeply as asked.
+    fn covers(&self, object: &ObjectInfo, now: DateTime<Utc>, options: &VerifyOptions) -> bool {
+        (self.decoded || !options.decode)
+            && self.size == object.size
             && self.e_tag == object.version.e_tag
             && self.version == object.version.version
-            && (now - self.at).to_std().unwrap_or_default() < max_age
+            && (now - self.at).to_std().unwrap_or_default() < options.max_age
     }
 }
 
@@ -165,12 +178,12 @@ pub async fn run(repository: &Repository, options: VerifyOptions) -> Result<Veri
                 && results
                     .verified
                     .get(&object.key)
-                    .is_some_and(|verified| verified.covers(object, now, options.max_age))
+                    .is_some_and(|verified| verified.covers(object, now, &options))
         });
     report.objects_skipped = skipped.len();
     let workers = repository.transfers_in_flight(crate::config::cpu_count());
     let mut decoded = futures::stream::iter(pending)
-        .map(|object| async move { (object, decode(repository, &object.key).await) })
+        .map(|object| async move { (object, prove(repository, &object.key, options.decode).await) })
         .buffer_unordered(workers);
     let mut failed: HashSet<String> = HashSet::new();
     while let Some((object, outcome)) = decoded.next().await {
@@ -178,9 +191,10 @@ pub async fn run(repository: &Repository, options: VerifyOptions) -> Result<Veri
         match outcome {
             Ok(bytes) => {
                 report.bytes_read += bytes;
-                results
-                    .verified
-                    .insert(object.key.clone(), Verified::of(object, now));
+                results.verified.insert(
+                    object.key.clone(),
+                    Verified::of(object, now, options.decode),
+                );
             }
             Err(detail) => {
                 results.verified.remove(&object.key);
@@ -283,8 +297,16 @@ async fn read_manifests(
     manifests
 }
 
-/// Decodes the object in full into nothing; returns its plaintext length or what is wrong.
-async fn decode(repository: &Repository, key: &str) -> Result<u64, String> {
+/// Proves the object intact: authenticated, or with `decode` also decoded in full into
+/// nothing. Returns the bytes read (stored, or decoded) or what is wrong.
+async fn prove(repository: &Repository, key: &str, decode: bool) -> Result<u64, String> {
+    if !decode {
+        return match repository.read_encoded(key).await {
+            Ok(Some((_, bytes))) => Ok(bytes.len() as u64),
+            Ok(None) => Err("the object disappeared while verify read it".to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+    }
     match repository
         .read_object(key, CountingSink(0), DecodeMode::Alone)
         .await

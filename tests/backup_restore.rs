@@ -729,17 +729,7 @@ fn backup_and_restore_on_an_s3_repository() {
     let Some(s3) = S3Server::start(&workspace) else {
         return;
     };
-    let keyring = workspace.keygen("keyring");
-    let config = workspace.write_config(
-        "pitr.toml",
-        &format!(
-            "repo = 's3://{}/clusters/main'\nkey_file = '{}'\npgdata = '{}'\nstore_timeout = 30\n{}",
-            s3.bucket,
-            keyring.display(),
-            workspace.path("primary").display(),
-            s3.store_settings()
-        ),
-    );
+    let config = s3.encrypted_repository_config(&workspace);
     let archive_command = workspace.archive_command(&config);
     let mut primary = Cluster::init_with(
         &workspace,

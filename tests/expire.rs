@@ -275,17 +275,7 @@ fn a_short_window_on_an_s3_repository() {
     let Some(s3) = S3Server::start(&workspace) else {
         return;
     };
-    let keyring = workspace.keygen("keyring");
-    let config = workspace.write_config(
-        "pitr.toml",
-        &format!(
-            "repo = 's3://{}/clusters/main'\nkey_file = '{}'\npgdata = '{}'\nstore_timeout = 30\n{}",
-            s3.bucket,
-            keyring.display(),
-            workspace.path("primary").display(),
-            s3.store_settings()
-        ),
-    );
+    let config = s3.encrypted_repository_config(&workspace);
     let mut primary = Primary::start(workspace, config);
     a_short_window_keeps_exactly_what_it_promises(&mut primary);
 }

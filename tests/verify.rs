@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use support::{Cluster, Workspace, pg15_available, stderr_of};
+use support::{Cluster, Workspace, files_under, pg15_available, stderr_of};
 
 fn verify(workspace: &Workspace, config: &Path, arguments: &[&str]) -> (Output, serde_json::Value) {
     let mut command = vec!["verify", "--output", "json"];
@@ -28,27 +28,6 @@ fn backup(workspace: &Workspace, config: &Path, primary: &Cluster) -> String {
     assert!(output.status.success(), "backup: {}", stderr_of(&output));
     let record: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     record["id"].as_str().unwrap().to_string()
-}
-
-fn files_under(root: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(directory) = pending.pop() {
-        for entry in std::fs::read_dir(&directory)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let path = entry.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    files
 }
 
 #[test]

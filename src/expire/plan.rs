@@ -354,6 +354,23 @@ mod tests {
         Lsn(number * u64::from(SIZE.0) + offset)
     }
 
+    /// The plan at the end of segment `now`, with the default options.
+    fn planned(
+        backups: &[BackupPoint],
+        archive: &ArchiveListing,
+        policy: &RetentionPolicy,
+        now: u64,
+    ) -> Result<ExpirePlan, PlanError> {
+        plan(
+            backups,
+            archive,
+            SIZE,
+            policy,
+            time_of(now),
+            PlanOptions::default(),
+        )
+    }
+
     fn backup(name: &str, timeline: u32, start: u64, stop: u64) -> BackupPoint {
         BackupPoint {
             id: BackupId(name.to_string()),
@@ -401,15 +418,7 @@ mod tests {
             ..ArchiveListing::default()
         };
         // The window starts at segment 15: b2 (ended at 11) is the newest backup before it.
-        let plan = plan(
-            &backups,
-            &archive,
-            SIZE,
-            &window(15),
-            time_of(30),
-            PlanOptions::default(),
-        )
-        .unwrap();
+        let plan = planned(&backups, &archive, &window(15), 30).unwrap();
         assert_eq!(names(&plan.anchors), ["b2"]);
         assert_eq!(names(&plan.kept_backups), ["b2", "b3"]);
         assert_eq!(names(&plan.expired_backups), ["b1"]);
@@ -424,15 +433,7 @@ mod tests {
             files: segments(1, 1..=10),
             ..ArchiveListing::default()
         };
-        let plan = plan(
-            &backups,
-            &archive,
-            SIZE,
-            &window(60),
-            time_of(10),
-            PlanOptions::default(),
-        )
-        .unwrap();
+        let plan = planned(&backups, &archive, &window(60), 10).unwrap();
         assert!(plan.anchors.is_empty());
         assert_eq!(names(&plan.kept_backups), ["b1"]);
         // WAL before the only backup restores nothing.
@@ -448,15 +449,7 @@ mod tests {
             files,
             ..ArchiveListing::default()
         };
-        let error = plan(
-            &backups,
-            &archive,
-            SIZE,
-            &window(5),
-            time_of(20),
-            PlanOptions::default(),
-        )
-        .unwrap_err();
+        let error = planned(&backups, &archive, &window(5), 20).unwrap_err();
         assert_eq!(
             error,
             PlanError::WindowGap {
@@ -519,15 +512,7 @@ mod tests {
         ];
         let quiet = HashMap::from([(TimelineId(1), time_of(30)), (TimelineId(2), time_of(8))]);
         let archive = forked_archive(quiet);
-        let plan = plan(
-            &backups,
-            &archive,
-            SIZE,
-            &window(15),
-            time_of(30),
-            PlanOptions::default(),
-        )
-        .unwrap();
+        let plan = planned(&backups, &archive, &window(15), 30).unwrap();
         assert_eq!(names(&plan.expired_backups), ["b1"]);
         let mut expected = segments(1, 1..=9);
         expected.extend(segments(2, 5..=8));
@@ -544,15 +529,7 @@ mod tests {
         // Nothing is known of timeline 2's last transaction: it may be in the window, and only
         // b1 (before the fork) restores onto it.
         let unknown = HashMap::from([(TimelineId(1), time_of(30))]);
-        let plan = plan(
-            &backups,
-            &forked_archive(unknown),
-            SIZE,
-            &window(15),
-            time_of(30),
-            PlanOptions::default(),
-        )
-        .unwrap();
+        let plan = planned(&backups, &forked_archive(unknown), &window(15), 30).unwrap();
         assert_eq!(names(&plan.kept_backups), ["b1", "b2", "b3"]);
         assert_eq!(names(&plan.anchors), ["b1", "b2"]);
         assert_eq!(plan.expired_wal, segments(1, 1..=1));
@@ -574,30 +551,14 @@ mod tests {
             min_backups: 1,
             backups: Some(3),
         };
-        let kept = plan(
-            &backups,
-            &archive,
-            SIZE,
-            &count,
-            time_of(30),
-            PlanOptions::default(),
-        )
-        .unwrap();
+        let kept = planned(&backups, &archive, &count, 30).unwrap();
         assert_eq!(names(&kept.kept_backups), ["b1", "b2", "b3"]);
         let minimum = RetentionPolicy {
             window: Some(Duration::from_secs(60)),
             min_backups: 2,
             backups: None,
         };
-        let kept = plan(
-            &backups,
-            &archive,
-            SIZE,
-            &minimum,
-            time_of(30),
-            PlanOptions::default(),
-        )
-        .unwrap();
+        let kept = planned(&backups, &archive, &minimum, 30).unwrap();
         assert_eq!(names(&kept.kept_backups), ["b2", "b3"]);
     }
 

@@ -533,6 +533,22 @@ impl S3Server {
         }
     }
 
+    /// A config for an encrypted repository `s3://<bucket>/clusters/main` on this server,
+    /// for the data directory `primary` of `workspace`, with a new keyring.
+    pub fn encrypted_repository_config(&self, workspace: &Workspace) -> PathBuf {
+        let keyring = workspace.keygen("keyring");
+        workspace.write_config(
+            "pitr.toml",
+            &format!(
+                "repo = 's3://{}/clusters/main'\nkey_file = '{}'\npgdata = '{}'\nstore_timeout = 30\n{}",
+                self.bucket,
+                keyring.display(),
+                workspace.path("primary").display(),
+                self.store_settings()
+            ),
+        )
+    }
+
     /// The `[store]` table of a pitr config that points at this server.
     pub fn store_settings(&self) -> String {
         self.store_settings_at(self.port)
@@ -1082,4 +1098,26 @@ impl Drop for GcsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Every file below `root`, sorted: the objects of a `file://` repository.
+pub fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(directory) = pending.pop() {
+        for entry in std::fs::read_dir(&directory)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
 }

@@ -381,6 +381,15 @@ mod tests {
         }
     }
 
+    /// Backups at segments 2, 10 and 20 of timeline 1, each ending one segment later.
+    fn three_backups() -> [BackupPoint; 3] {
+        [
+            backup("b1", 1, 2, 3),
+            backup("b2", 1, 10, 11),
+            backup("b3", 1, 20, 21),
+        ]
+    }
+
     fn segments(timeline: u32, numbers: impl IntoIterator<Item = u64>) -> Vec<WalFileName> {
         numbers
             .into_iter()
@@ -408,11 +417,7 @@ mod tests {
 
     #[test]
     fn the_newest_backup_before_the_window_and_its_wal_stay() {
-        let backups = [
-            backup("b1", 1, 2, 3),
-            backup("b2", 1, 10, 11),
-            backup("b3", 1, 20, 21),
-        ];
+        let backups = three_backups();
         let archive = ArchiveListing {
             files: segments(1, 1..=30),
             ..ArchiveListing::default()
@@ -505,11 +510,7 @@ mod tests {
 
     #[test]
     fn a_timeline_that_went_quiet_before_the_window_keeps_nothing_but_its_history() {
-        let backups = [
-            backup("b1", 1, 2, 3),
-            backup("b2", 1, 10, 11),
-            backup("b3", 1, 20, 21),
-        ];
+        let backups = three_backups();
         let quiet = HashMap::from([(TimelineId(1), time_of(30)), (TimelineId(2), time_of(8))]);
         let archive = forked_archive(quiet);
         let plan = planned(&backups, &archive, &window(15), 30).unwrap();
@@ -521,11 +522,7 @@ mod tests {
 
     #[test]
     fn a_timeline_that_may_reach_into_the_window_keeps_the_backup_before_its_fork() {
-        let backups = [
-            backup("b1", 1, 2, 3),
-            backup("b2", 1, 10, 11),
-            backup("b3", 1, 20, 21),
-        ];
+        let backups = three_backups();
         // Nothing is known of timeline 2's last transaction: it may be in the window, and only
         // b1 (before the fork) restores onto it.
         let unknown = HashMap::from([(TimelineId(1), time_of(30))]);
@@ -537,11 +534,7 @@ mod tests {
 
     #[test]
     fn the_count_and_the_minimum_keep_backups_the_window_would_not() {
-        let backups = [
-            backup("b1", 1, 2, 3),
-            backup("b2", 1, 10, 11),
-            backup("b3", 1, 20, 21),
-        ];
+        let backups = three_backups();
         let archive = ArchiveListing {
             files: segments(1, 1..=30),
             ..ArchiveListing::default()

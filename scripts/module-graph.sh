@@ -15,7 +15,7 @@ LAYERS = [
     ["envelope"],
     ["config", "storage"],
     ["postgres", "repository"],
-    ["archive", "backup", "restore", "expire", "verify"],
+    ["archive", "backup", "restore", "expire", "verify", "check"],
     ["daemon"],
     ["commands"],
     ["main"],

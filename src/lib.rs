@@ -12,6 +12,7 @@
 pub mod archive;
 pub mod backup;
 pub mod buffer_pool;
+pub mod check;
 pub mod commands;
 pub mod config;
 pub mod daemon;

@@ -837,6 +837,46 @@ impl Repository {
         }
     }
 
+    /// Proves that the store refuses a conditional update of a version that is no longer
+    /// there, and makes one that is: what the writer lease relies on. A probe object under
+    /// `tmp/` is written, updated once at its version, updated again at the stale version (which
+    /// must fail), and removed.
+    pub async fn probe_conditional_update(&self) -> Result<(), RepositoryError> {
+        let suffix = getrandom::u64().map_err(|error| {
+            RepositoryError::Config(format!(
+                "the operating system's random source failed ({error}); check the system"
+            ))
+        })?;
+        let key = layout::temporary(&format!("conditional-update-probe-{suffix:016x}"));
+        let result = async {
+            self.put_raw(&key, vec![Bytes::from_static(b"first")]).await?;
+            let (_, first) = self
+                .storage
+                .get_bytes_versioned(&key)
+                .await
+                .map_err(|error| self.failed(&format!("reading {key}"), error))?;
+            self.storage
+                .update(&key, vec![Bytes::from_static(b"second")], &first)
+                .await
+                .map_err(|error| self.failed(&format!("updating {key}"), error))?;
+            match self
+                .storage
+                .update(&key, vec![Bytes::from_static(b"third")], &first)
+                .await
+            {
+                Err(StorageError::Precondition(_)) => Ok(()),
+                Ok(()) => Err(RepositoryError::Store {
+                    url: self.url.clone(),
+                    detail: "the store replaced an object although its version had changed (a conditional update was not honoured); the writer lease cannot rely on it: use a store that supports If-Match".to_string(),
+                }),
+                Err(error) => Err(self.failed(&format!("updating {key}"), error)),
+            }
+        }
+        .await;
+        let _ = self.storage.delete(&key).await;
+        result
+    }
+
     /// Reads and verifies a small object into memory; `None` if it does not exist.
     pub async fn read_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, RepositoryError> {
         Ok(self

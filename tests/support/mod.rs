@@ -42,12 +42,23 @@ unsafe extern "C" {
     fn libc_getuid() -> u32;
 }
 
+/// A port nothing listens on now, and that this test process has not handed out before: the
+/// test clusters listen on Unix sockets only (`listen_addresses = ''`), so the TCP probe alone
+/// cannot see their ports, and two clusters of one workspace once drew the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap();
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// The pitr binary under test: this build's, or `PITR_TEST_BINARY` (an older build, to see a

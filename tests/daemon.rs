@@ -96,6 +96,18 @@ fn the_daemon_archives_ahead_survives_kill_9_and_guards_its_interfaces() {
         0.0
     );
     assert!(metric(&before_kill, "pitr_archived_segments_total") >= 30.0);
+    // Only segments count as segments; no history or .backup file was archived here.
+    assert_eq!(metric(&before_kill, "pitr_archived_other_files_total"), 0.0);
+    assert_eq!(
+        metric(
+            &before_kill,
+            &format!(
+                "pitr_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
     support::assert_valid_prometheus_text(&before_kill);
 
     daemon.kill_hard();
@@ -227,7 +239,7 @@ fn a_store_outage_fails_fast_keeps_the_wal_and_recovers() {
     assert!(body.contains("cannot reach the repository"), "{body}");
     let metrics = daemon.metrics();
     assert!(
-        metric(&metrics, "pitr_wal_bytes_not_archived") >= 5.0 * 16.0 * 1048576.0,
+        metric(&metrics, "pitr_wal_not_archived_bytes") >= 5.0 * 16.0 * 1048576.0,
         "{metrics}"
     );
     assert!(

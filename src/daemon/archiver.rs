@@ -199,9 +199,12 @@ impl Archiver {
                     self.metrics.spooled_segments.inc();
                     return Ok(*outcome);
                 }
+                match name.parse::<crate::wal::WalFileName>() {
+                    Ok(crate::wal::WalFileName::Segment(_)) => self.metrics.archived_segments.inc(),
+                    _ => self.metrics.archived_other_files.inc(),
+                };
                 state.last_archived = Some((name, SystemTime::now()));
                 state.archived_bytes += length;
-                self.metrics.archived_segments.inc();
                 self.metrics.archived_bytes.inc_by(*length);
                 self.metrics
                     .last_archived_timestamp

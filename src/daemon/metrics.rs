@@ -19,6 +19,8 @@ pub struct HookLabels {
 pub struct Metrics {
     registry: Registry,
     pub archived_segments: Counter,
+    /// History, `.backup` and `.partial` files, kept apart from the segments.
+    pub archived_other_files: Counter,
     pub archive_failures: Counter,
     pub archived_bytes: Counter,
     pub upload_duration: Histogram,
@@ -39,6 +41,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let metrics = Metrics {
             archived_segments: Counter::default(),
+            archived_other_files: Counter::default(),
             archive_failures: Counter::default(),
             archived_bytes: Counter::default(),
             upload_duration: Histogram::new([
@@ -58,8 +61,21 @@ impl Metrics {
         };
         registry.register(
             "pitr_archived_segments",
-            "WAL files made durable in the repository",
+            "WAL segments made durable in the repository",
             metrics.archived_segments.clone(),
+        );
+        registry.register(
+            "pitr_archived_other_files",
+            "History, .backup and .partial files made durable in the repository",
+            metrics.archived_other_files.clone(),
+        );
+        registry.register(
+            "pitr_build",
+            "The running pitr",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version",
+                env!("CARGO_PKG_VERSION"),
+            )]),
         );
         registry.register(
             "pitr_archive_failures",
@@ -82,7 +98,7 @@ impl Metrics {
             metrics.archive_lag_seconds.clone(),
         );
         registry.register(
-            "pitr_wal_bytes_not_archived",
+            "pitr_wal_not_archived_bytes",
             "Bytes of WAL marked ready but not yet durable",
             metrics.wal_bytes_not_archived.clone(),
         );

@@ -87,25 +87,12 @@ impl Fixture {
 
     /// Every object key under `prefix`, sorted.
     fn keys_under(&self, prefix: &str) -> impl Iterator<Item = String> {
-        let mut keys = Vec::new();
-        let mut pending = vec![self.repository.join(prefix)];
-        while let Some(directory) = pending.pop() {
-            for entry in std::fs::read_dir(&directory)
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let path = entry.path();
-                if path.is_dir() {
-                    pending.push(path);
-                } else {
-                    let key = path.strip_prefix(&self.repository).unwrap();
-                    keys.push(key.to_str().unwrap().to_string());
-                }
-            }
-        }
-        keys.sort();
-        keys.into_iter()
+        support::files_under(&self.repository.join(prefix))
+            .into_iter()
+            .map(|path| {
+                let key = path.strip_prefix(&self.repository).unwrap();
+                key.to_str().unwrap().to_string()
+            })
     }
 
     fn segments(&self) -> Vec<String> {

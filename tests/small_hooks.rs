@@ -120,20 +120,54 @@ fn hook_requests(daemon: &DaemonProcess, result: &str) -> f64 {
     )
 }
 
+/// A primary archiving through the small hook into a daemon that serves it, with a ledger table.
+struct Served {
+    workspace: Workspace,
+    push_hook: PathBuf,
+    get_hook: PathBuf,
+    primary_data: PathBuf,
+    config: PathBuf,
+    primary: Cluster,
+    daemon: DaemonProcess,
+}
+
+impl Served {
+    fn start() -> Served {
+        let workspace = Workspace::new();
+        let (push_hook, get_hook) = install_small_hooks(&workspace);
+        let http_port = free_port();
+        let primary_data = workspace.path("primary");
+        let config = write_config(&workspace, &primary_data, "pitr.toml", http_port);
+        let mut primary = archiving_cluster(&workspace, &push_hook, &config);
+        primary.start();
+        primary.sql("create table ledger (round int, item int)");
+        let daemon = DaemonProcess::start(&workspace, &config, &primary, http_port);
+        Served {
+            workspace,
+            push_hook,
+            get_hook,
+            primary_data,
+            config,
+            primary,
+            daemon,
+        }
+    }
+}
+
 #[test]
 fn through_the_daemon_the_small_hooks_archive_and_recover_byte_identically() {
     if !pg15_available() {
         return;
     }
-    let workspace = Workspace::new();
-    let (push_hook, get_hook) = install_small_hooks(&workspace);
-    let http_port = free_port();
-    let primary_data = workspace.path("primary");
-    let config = write_config(&workspace, &primary_data, "pitr.toml", http_port);
-    let mut primary = archiving_cluster(&workspace, &push_hook, &config);
-    primary.start();
-    primary.sql("create table ledger (round int, item int)");
-    let daemon = DaemonProcess::start(&workspace, &config, &primary, http_port);
+    let Served {
+        workspace,
+        push_hook: _,
+        get_hook,
+        primary_data,
+        config,
+        mut primary,
+        daemon,
+    } = Served::start();
     let backup = primary.base_backup(&workspace, "backup");
     switch_segments(&primary, 6);
     primary.wait_until_archived(Duration::from_secs(60));
@@ -217,15 +251,15 @@ fn through_the_small_hook_the_daemon_refuses_what_pitr_archive_push_refuses() {
     if !pg15_available() {
         return;
     }
-    let workspace = Workspace::new();
-    let (push_hook, get_hook) = install_small_hooks(&workspace);
-    let http_port = free_port();
-    let primary_data = workspace.path("primary");
-    let config = write_config(&workspace, &primary_data, "pitr.toml", http_port);
-    let mut primary = archiving_cluster(&workspace, &push_hook, &config);
-    primary.start();
-    primary.sql("create table ledger (round int, item int)");
-    let daemon = DaemonProcess::start(&workspace, &config, &primary, http_port);
+    let Served {
+        workspace,
+        push_hook,
+        get_hook,
+        primary_data,
+        config,
+        mut primary,
+        daemon,
+    } = Served::start();
     switch_segments(&primary, 2);
     primary.wait_until_archived(Duration::from_secs(60));
     // After a switch the insert position is at a segment boundary, which names the last one.
